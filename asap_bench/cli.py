@@ -1,0 +1,229 @@
+"""The ``asap-bench`` command line: parses options and delegates; no logic lives here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+import yaml
+
+from . import __version__
+
+# Errors a user can cause with bad input: reported as one clear message, exit 1.
+def _user_errors():
+    from .data.manifest import ManifestError
+    from .schema import SchemaError
+    from .splits import SplitError
+
+    return (SchemaError, ManifestError, SplitError, KeyError, FileNotFoundError, ValueError)
+
+
+def friendly(func):
+    """Turn expected input errors into a message and exit code 1 instead of a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except _user_errors() as err:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            raise click.ClickException(str(message)) from None
+
+    return wrapper
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) if rows else len(c) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
+    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="asap-bench")
+def main() -> None:
+    """Benchmark 3D chest-CT encoders on the 22 ASAP tasks and 5 external validations."""
+
+
+# --------------------------------------------------------------------------- protocols
+
+@main.group()
+def protocols() -> None:
+    """List, show and validate task protocols."""
+
+
+@protocols.command("list")
+@click.option("--family", help="Only this family (cls, seg, prog, rg, voc, ret, vqa, ext).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@friendly
+def protocols_list(family: str | None, fmt: str) -> None:
+    """List the shipped protocols."""
+    from .protocol import shipped_protocols
+
+    rows = [
+        {"id": p.id, "family": p.family, "version": p.version, "dataset": p.data.dataset,
+         "regimes": ",".join(f"{r:g}" for r in p.regimes), "metric": p.primary_metric, "access": p.access,
+         "fingerprint": p.fingerprint[:12]}
+        for p in shipped_protocols().values() if family in (None, p.family)
+    ]
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=1))
+        return
+    click.echo(_table(rows, ["id", "family", "version", "dataset", "regimes", "metric", "access", "fingerprint"]))
+    click.echo(f"\n{len(rows)} protocols")
+
+
+@protocols.command("show")
+@click.argument("protocol_id")
+@friendly
+def protocols_show(protocol_id: str) -> None:
+    """Print a protocol with every default resolved, and its fingerprint."""
+    from .protocol import get_protocol
+
+    protocol = get_protocol(protocol_id)
+    click.echo(f"# fingerprint: {protocol.fingerprint}")
+    click.echo(yaml.safe_dump(protocol.model_dump(mode="json"), sort_keys=False, allow_unicode=True).rstrip())
+
+
+@protocols.command("validate")
+@click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
+def protocols_validate(paths: tuple[Path, ...]) -> None:
+    """Validate protocol files or folders (default: the shipped protocols).
+
+    Every file is checked; the command exits non-zero if any fails and names
+    the file, the field and what was expected.
+    """
+    from .protocol import check_references, load_protocol_file, protocol_files, shipped_protocols, shipped_raw
+    from .schema import SchemaError, read_yaml
+
+    files = [f for p in paths for f in (protocol_files(p) if p.is_dir() else [p])] or protocol_files()
+    given = {f"{f.parent.name}/{f.stem}": f for f in files}
+    lookup = lambda pid: read_yaml(given[pid]) if pid in given else shipped_raw(pid)  # noqa: E731
+    loaded, path_of, failures = {}, {}, 0
+    for path in files:
+        try:
+            protocol = load_protocol_file(path, lookup)
+        except SchemaError as err:
+            failures += 1
+            click.echo(f"FAIL {err}", err=True)
+            continue
+        loaded[protocol.id], path_of[protocol.id] = protocol, path
+    # cross-file references resolve against the shipped set plus the files given
+    known = {**shipped_protocols(), **loaded} if paths else loaded
+    for pid in list(loaded):
+        try:
+            check_references({**known, pid: loaded[pid]}, {**{k: Path("?") for k in known}, **path_of})
+        except SchemaError as err:
+            failures += 1
+            loaded.pop(pid)
+            click.echo(f"FAIL {err}", err=True)
+    for pid in sorted(loaded):
+        click.echo(f"ok   {path_of[pid]}  ({pid}, {loaded[pid].fingerprint[:12]})")
+    click.echo(f"{len(loaded)} valid, {failures} invalid")
+    if failures:
+        sys.exit(1)
+
+
+# --------------------------------------------------------------------------- datasets
+
+@main.group()
+def datasets() -> None:
+    """Dataset cards and prepared data."""
+
+
+@datasets.command("list")
+@friendly
+def datasets_list() -> None:
+    """List the dataset cards."""
+    from .data.cards import dataset_names, load_card
+
+    rows = []
+    for name in dataset_names():
+        card = load_card(name)
+        rows.append({"name": name, "title": card.title, "modality": card.modality, "access": card.access,
+                     "tables": ",".join(card.tables)})
+    click.echo(_table(rows, ["name", "title", "modality", "access", "tables"]))
+
+
+@datasets.command("show")
+@click.argument("name")
+@friendly
+def datasets_show(name: str) -> None:
+    """Print a dataset card, with each table's manifest columns."""
+    from .data.cards import load_card
+
+    card = load_card(name)
+    click.echo(yaml.safe_dump(card.model_dump(mode="json"), sort_keys=False, allow_unicode=True).rstrip())
+    for table_name, table in card.tables.items():
+        click.echo(f"# {table_name}.csv columns: {', '.join(table.columns())}")
+
+
+# --------------------------------------------------------------------------- demo
+
+@main.group()
+def demo() -> None:
+    """The synthetic demo cohort, the default data when no data root is configured."""
+
+
+@demo.command("build")
+@click.option("--out", type=click.Path(path_type=Path), help="Target folder (default: the cache folder).")
+@click.option("--force", is_flag=True, help="Build again even if a complete cohort is there.")
+@friendly
+def demo_build(out: Path | None, force: bool) -> None:
+    """Generate the demo cohort (deterministic; every protocol's data at 64x64x32)."""
+    import time
+
+    from .data.demo import build_demo, default_demo_root
+
+    start = time.perf_counter()
+    root = build_demo(out or default_demo_root(), force=force)
+    marker = json.loads((root / "demo.json").read_text())
+    rows = [{"dataset": d, "table": t, "rows": n} for d, tables in marker["datasets"].items() for t, n in tables.items()]
+    click.echo(_table(rows, ["dataset", "table", "rows"]))
+    click.echo(f"\ndemo cohort (generator v{marker['generator_version']}) at {root} "
+               f"[{time.perf_counter() - start:.1f} s]")
+
+
+# --------------------------------------------------------------------------- splits
+
+@main.group()
+def splits() -> None:
+    """Patient-grouped splits and nested label regimes, written as hashed JSON files."""
+
+
+@splits.command("make")
+@click.argument("tasks", nargs=-1)
+@click.option("--data-root", type=click.Path(path_type=Path), help="Prepared data root (default: $ASAP_BENCH_DATA or the demo cohort).")
+@click.option("--splits-dir", type=click.Path(path_type=Path), help="Where split files go (default: <data-root>/_splits).")
+@click.option("--seeds", type=int, help="Number of seeds (default: each protocol's own, 5).")
+@click.option("--force", is_flag=True, help="Remake split files made from other inputs.")
+@friendly
+def splits_make(tasks: tuple[str, ...], data_root: Path | None, splits_dir: Path | None,
+                seeds: int | None, force: bool) -> None:
+    """Make (or reuse) the split files of TASKS (ids, a family, a glob or 'all')."""
+    from .data.manifest import load_manifest
+    from .data.roots import default_splits_dir, resolve_data_root
+    from .protocol import select_protocols
+    from .splits import ensure_split
+
+    root = resolve_data_root(data_root)
+    directory = splits_dir or default_splits_dir(root)
+    rows, failures = [], 0
+    for protocol in select_protocols(tasks):
+        try:
+            manifest = load_manifest(root, protocol.data.dataset, protocol.data.table)
+            for seed in range(seeds or protocol.seeds):
+                split = ensure_split(manifest, protocol, seed, directory, force=force)
+                sizes = "/".join(str(len(split.regimes[r])) for r in split.regimes)
+                rows.append({"task": protocol.id, "seed": seed, "train": len(split.train), "val": len(split.val),
+                             "test": len(split.test), "regimes": sizes or "-", "sha256": split.sha256[:12]})
+        except _user_errors() as err:
+            failures += 1
+            rows.append({"task": protocol.id, "seed": "-", "train": "FAILED", "val": str(err).splitlines()[0]})
+    click.echo(_table(rows, ["task", "seed", "train", "val", "test", "regimes", "sha256"]))
+    click.echo(f"\nsplit files under {directory}")
+    if failures:
+        raise click.ClickException(f"{failures} task(s) failed")
