@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import time
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -47,3 +49,17 @@ def ctrate_rows(n_patients: int, seed: int = 0, max_volumes: int = 3, test_share
 def ctrate_root(tmp_path: Path) -> Path:
     write_table(tmp_path, "ct-rate", "volumes", ctrate_rows(120))
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """One demo cohort build shared by every test module that reads it."""
+    from asap_bench.data import demo
+
+    out = tmp_path_factory.mktemp("demo") / "cohort"
+    start = time.perf_counter()
+    demo.build_demo(out)
+    seconds = time.perf_counter() - start
+    print(f"\ndemo cohort built in {seconds:.1f} s")
+    assert seconds < 120
+    return out

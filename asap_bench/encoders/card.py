@@ -38,7 +38,7 @@ from math import prod
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ..resources import resource_dir
 from ..schema import SchemaError, StrictModel, load_model
@@ -127,24 +127,38 @@ class InputSpec(StrictModel):
             raise ValueError(f"axis_order must be a permutation of 'HWD' ({', '.join(AXIS_ORDERS)}), got {value!r}")
         return value
 
-    @model_validator(mode="after")
-    def _consistent(self) -> "InputSpec":
-        if self.intensity == "hu_window":
-            if self.hu_window is None or self.hu_window[0] >= self.hu_window[1]:
-                raise ValueError("intensity 'hu_window' needs hu_window [low, high] with low < high")
-        elif self.hu_window is not None and self.hu_window[0] >= self.hu_window[1]:
-            raise ValueError("hu_window must be [low, high] with low < high")
-        if self.value_range is not None and self.value_range[0] >= self.value_range[1]:
-            raise ValueError(f"value_range must be [low, high] with low < high, got {list(self.value_range)}")
-        if self.intensity in ("hu_window", "minmax") and self.value_range is None:
-            raise ValueError(f"intensity {self.intensity!r} needs value_range [low, high]")
-        if self.spacing is not None and any(s <= 0 for s in self.spacing):
-            raise ValueError(f"spacing must be positive, got {list(self.spacing)}")
-        if any(s <= 0 for s in self.size):
-            raise ValueError(f"size must be positive, got {list(self.size)}")
-        if (self.mean is None) != (self.std is None):
+    @field_validator("hu_window")
+    @classmethod
+    def _hu_window(cls, value: tuple[float, float] | None, info: ValidationInfo) -> tuple[float, float] | None:
+        if value is None and info.data.get("intensity") == "hu_window":
+            raise ValueError("intensity 'hu_window' needs hu_window [low, high]")
+        if value is not None and value[0] >= value[1]:
+            raise ValueError(f"hu_window must be [low, high] with low < high, got {list(value)}")
+        return value
+
+    @field_validator("value_range")
+    @classmethod
+    def _value_range(cls, value: tuple[float, float] | None, info: ValidationInfo) -> tuple[float, float] | None:
+        intensity = info.data.get("intensity")
+        if value is None and intensity in ("hu_window", "minmax"):
+            raise ValueError(f"intensity {intensity!r} needs value_range [low, high]")
+        if value is not None and value[0] >= value[1]:
+            raise ValueError(f"value_range must be [low, high] with low < high, got {list(value)}")
+        return value
+
+    @field_validator("spacing", "size")
+    @classmethod
+    def _positive(cls, value: tuple[float, ...] | None, info: ValidationInfo) -> tuple[float, ...] | None:
+        if value is not None and any(v <= 0 for v in value):
+            raise ValueError(f"{info.field_name} must be positive, got {list(value)}")
+        return value
+
+    @field_validator("std")
+    @classmethod
+    def _mean_std(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if "mean" in info.data and (info.data["mean"] is None) != (value is None):
             raise ValueError("give mean and std together, or neither")
-        return self
+        return value
 
     def tensor_size(self) -> tuple[int, int, int]:
         """``size`` permuted into ``axis_order`` (the spatial shape of the encoder's tensor)."""
@@ -273,6 +287,54 @@ class EncoderCard(StrictModel):
             raise ValueError("; ".join(problems))
         return value
 
+    @field_validator("sizes")
+    @classmethod
+    def _sizes(cls, sizes: dict[str, dict[str, Any]], info: ValidationInfo) -> dict[str, dict[str, Any]]:
+        if "demo" not in sizes:
+            raise ValueError("sizes needs a 'demo' variant (same family, small enough for CPU tests)")
+        arch = info.data.get("architecture")
+        for variant, overrides in sizes.items():
+            if not re.match(_NAME, variant) or variant == "native":
+                raise ValueError(f"variant name {variant!r} must match {_NAME} and not be 'native'")
+            if arch is None:
+                continue
+            unknown = sorted(set(overrides) - set(arch))
+            if unknown:
+                raise ValueError(f"sizes.{variant} overrides keys the architecture does not have: {unknown}")
+            problems = _check_sizes({**arch, **overrides}, f"sizes.{variant}")
+            if problems:
+                raise ValueError("; ".join(problems))
+        if arch is not None:
+            demo_img = {**arch, **sizes["demo"]}.get("img_size")
+            if isinstance(demo_img, list) and prod(demo_img) > DEMO_MAX_VOXELS:
+                raise ValueError(f"sizes.demo img_size {demo_img} is larger than {DEMO_MAX_VOXELS} voxels")
+        return sizes
+
+    @field_validator("input")
+    @classmethod
+    def _input_matches_architecture(cls, spec: InputSpec, info: ValidationInfo) -> InputSpec:
+        img = (info.data.get("architecture") or {}).get("img_size")
+        if isinstance(img, list) and len(img) == 3 and tuple(img) != spec.tensor_size():
+            raise ValueError(f"size {list(spec.size)} in axis_order {spec.axis_order} is "
+                             f"{list(spec.tensor_size())}, but architecture.img_size is {img}")
+        return spec
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _random_has_no_checkpoint(cls, ckpt: Checkpoint, info: ValidationInfo) -> Checkpoint:
+        group = info.data.get("group")
+        if group is not None and (group == "random") != (ckpt.availability == "none"):
+            raise ValueError("group 'random' goes with availability 'none', and only with it")
+        return ckpt
+
+    @field_validator("embed_dim")
+    @classmethod
+    def _embed_dim(cls, value: int, info: ValidationInfo) -> int:
+        arch = info.data.get("architecture") or {}
+        if "embed_dim" in arch and arch["embed_dim"] != value:
+            raise ValueError(f"embed_dim {value} differs from architecture.embed_dim {arch['embed_dim']}")
+        return value
+
     @field_validator("outputs")
     @classmethod
     def _outputs(cls, value: list[str]) -> list[str]:
@@ -282,34 +344,12 @@ class EncoderCard(StrictModel):
             raise ValueError("outputs are listed once each")
         return value
 
-    @model_validator(mode="after")
-    def _consistent(self) -> "EncoderCard":
-        if "demo" not in self.sizes:
-            raise ValueError("sizes needs a 'demo' variant (same family, small enough for CPU tests)")
-        for variant, overrides in self.sizes.items():
-            if not re.match(_NAME, variant):
-                raise ValueError(f"sizes: variant name {variant!r} must match {_NAME}")
-            unknown = sorted(set(overrides) - set(self.architecture))
-            if unknown:
-                raise ValueError(f"sizes.{variant} overrides keys the architecture does not have: {unknown}")
-            problems = _check_sizes(self.architecture_for(variant), f"sizes.{variant}")
-            if problems:
-                raise ValueError("; ".join(problems))
-        demo_img = self.architecture_for("demo").get("img_size")
-        if isinstance(demo_img, list) and prod(demo_img) > DEMO_MAX_VOXELS:
-            raise ValueError(f"sizes.demo img_size {demo_img} is larger than {DEMO_MAX_VOXELS} voxels")
-        img = self.architecture.get("img_size")
-        if isinstance(img, list) and len(img) == 3 and tuple(img) != self.input.tensor_size():
-            raise ValueError(f"architecture.img_size {img} is not input.size {list(self.input.size)} "
-                             f"in axis_order {self.input.axis_order} ({list(self.input.tensor_size())})")
-        if "embed_dim" in self.architecture and self.architecture["embed_dim"] != self.embed_dim:
-            raise ValueError(f"embed_dim {self.embed_dim} differs from architecture.embed_dim "
-                             f"{self.architecture['embed_dim']}")
-        if self.segmentation.mode == "unetr" and "hidden_states" not in self.outputs:
+    @field_validator("segmentation")
+    @classmethod
+    def _segmentation(cls, seg: Segmentation, info: ValidationInfo) -> Segmentation:
+        if seg.mode == "unetr" and "hidden_states" not in (info.data.get("outputs") or ["hidden_states"]):
             raise ValueError("a UNETR segmentation needs 'hidden_states' in outputs")
-        if (self.group == "random") != (self.checkpoint.availability == "none"):
-            raise ValueError("group 'random' goes with checkpoint availability 'none', and only with it")
-        return self
+        return seg
 
     def architecture_for(self, variant: str = "native") -> dict[str, Any]:
         """The architecture with a size variant's overrides applied ('native' = as published)."""
