@@ -15,10 +15,11 @@ from . import __version__
 # Errors a user can cause with bad input: reported as one clear message, exit 1.
 def _user_errors():
     from .data.manifest import ManifestError
+    from .encoders.registry import PluginError
     from .schema import SchemaError
     from .splits import SplitError
 
-    return (SchemaError, ManifestError, SplitError, KeyError, FileNotFoundError, ValueError)
+    return (SchemaError, ManifestError, SplitError, PluginError, KeyError, FileNotFoundError, ValueError)
 
 
 def friendly(func):
@@ -159,6 +160,38 @@ def datasets_show(name: str) -> None:
     click.echo(yaml.safe_dump(card.model_dump(mode="json"), sort_keys=False, allow_unicode=True).rstrip())
     for table_name, table in card.tables.items():
         click.echo(f"# {table_name}.csv columns: {', '.join(table.columns())}")
+
+
+# --------------------------------------------------------------------------- encoders
+
+@main.group()
+def encoders() -> None:
+    """Encoder cards: the built-in encoders and those installed plug-ins add."""
+
+
+@encoders.command("list")
+@friendly
+def encoders_list() -> None:
+    """List every encoder, grouped as the paper's tables are."""
+    from .encoders.registry import all_encoder_names, get_card
+
+    cards = sorted((get_card(n) for n in all_encoder_names()), key=lambda c: (c.order, c.name))
+    rows = [{"name": c.name, "group": c.group_title, "family": c.family, "embed_dim": c.embed_dim,
+             "input": "x".join(map(str, c.input.size)), "checkpoint": c.checkpoint.availability,
+             "status": c.status.level} for c in cards]
+    click.echo(_table(rows, ["name", "group", "family", "embed_dim", "input", "checkpoint", "status"]))
+    click.echo(f"\n{len(rows)} encoders")
+
+
+@encoders.command("show")
+@click.argument("name")
+@friendly
+def encoders_show(name: str) -> None:
+    """Print an encoder card (NAME or a card YAML path)."""
+    from .encoders.registry import get_card
+
+    card = get_card(name)
+    click.echo(yaml.safe_dump(card.model_dump(mode="json"), sort_keys=False, allow_unicode=True).rstrip())
 
 
 # --------------------------------------------------------------------------- demo

@@ -43,7 +43,6 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from ..resources import resource_dir
 from ..schema import SchemaError, StrictModel, load_model
 
-Family = Literal["vit3d", "ctvit", "i3d_resnet", "monai_vit", "hlip_vit", "unet3d_encoder", "resnet3d"]
 Group = Literal["random", "ssl", "vlp", "other"]
 
 # How the paper groups table rows (Tables II-VI).
@@ -261,7 +260,7 @@ class EncoderCard(StrictModel):
     title: str = Field(min_length=1)
     table_label: str = Field(min_length=1)  # the row label the paper's tables use
     order: int = Field(ge=0)  # row order within the paper's tables
-    family: Family
+    family: str = Field(pattern=r"^[a-z][a-z0-9_]*$")  # an architecture in the registry (or a plug-in's)
     group: Group
     description: str = ""
     architecture: dict[str, Any] = Field(min_length=1)

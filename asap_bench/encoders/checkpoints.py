@@ -1,0 +1,210 @@
+"""Loading published checkpoints safely, with every key accounted for.
+
+Checkpoints are untrusted input: they are read with safetensors or
+``torch.load(weights_only=True)``, so a pickled payload is refused before any
+of its code can run. Published keys are rewritten through the card's key map;
+missing, unexpected, ignored and adapted keys are all reported, a shape
+mismatch fails naming the keys, and so does a load that fills too little of
+the module (the silent ``strict=False`` failure this harness exists to stop).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data.manifest import file_sha256
+from .card import Checkpoint, EncoderCard
+
+DEFAULT_MIN_FRACTION = 0.95
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as it is; the message names the file and keys."""
+
+
+@dataclass
+class LoadReport:
+    path: str
+    sha256: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # module keys the checkpoint did not fill
+    unexpected: list[str] = field(default_factory=list)  # mapped checkpoint keys the module lacks
+    ignored: list[str] = field(default_factory=list)  # published keys the card declares unused
+    adapted: list[str] = field(default_factory=list)  # "key: [shape] -> [shape]"
+    fraction: float = 0.0  # share of the module's state (in elements) that was loaded
+
+    def summary(self) -> str:
+        lines = [f"{self.path} (sha256 {self.sha256[:12]}): loaded {len(self.loaded)} tensors, "
+                 f"{self.fraction:.1%} of the module's state"]
+        for name in ("missing", "unexpected", "ignored", "adapted"):
+            keys = getattr(self, name)
+            if keys:
+                shown = ", ".join(keys[:8]) + (f", ... (+{len(keys) - 8})" if len(keys) > 8 else "")
+                lines.append(f"  {name} ({len(keys)}): {shown}")
+        return "\n".join(lines)
+
+
+def read_state_dict(path: Path | str, container_key: str | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file, without unpickling anything but tensors and plain containers."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            payload: object = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    else:
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            culprit = next((line for line in lines if "GLOBAL" in line or "operand" in line), lines[-1] if lines else "")
+            if not _is_pickle_container(path):  # not torch.save output at all: damaged or foreign
+                raise CheckpointError(f"{path}: not a readable torch checkpoint ({culprit})") from None
+            raise CheckpointError(
+                f"{path}: refused: the file holds pickled objects other than tensors, and unpickling them "
+                f"could run arbitrary code ({culprit}). Re-save the weights alone (torch.save(state_dict) "
+                "or safetensors) from a trusted environment") from None
+        except (RuntimeError, EOFError, OSError, struct.error) as err:
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(err).splitlines()[0]})") from None
+    if container_key is not None:
+        if not isinstance(payload, dict) or container_key not in payload:
+            keys = sorted(payload)[:10] if isinstance(payload, dict) else type(payload).__name__
+            raise CheckpointError(f"{path}: expected the weights under key {container_key!r} "
+                                  f"(the card's checkpoint.container_key); top-level keys are {keys}")
+        payload = payload[container_key]
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: expected a mapping of tensor names to tensors, got {type(payload).__name__}")
+    bad = [k for k, v in payload.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: entries {bad[:5]} are not tensors; expected a state dict "
+                              "(is checkpoint.container_key right?)")
+    return dict(payload)
+
+
+def _is_pickle_container(path: Path) -> bool:
+    """torch.save output: a zip archive, or a bare pickle (protocol 2+ starts with 0x80)."""
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    return head == b"PK" or head[:1] == b"\x80"
+
+
+def map_keys(state: dict[str, torch.Tensor], spec: Checkpoint) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Rename published keys to module keys; return the mapped dict and the ignored keys."""
+    mapped: dict[str, torch.Tensor] = {}
+    ignored: list[str] = []
+    origin: dict[str, str] = {}
+    for key, tensor in state.items():
+        target = spec.map_key(key)
+        if target is None:
+            ignored.append(key)
+            continue
+        if target in mapped:
+            raise CheckpointError(f"checkpoint keys {origin[target]!r} and {key!r} both map to {target!r}; "
+                                  "the card's key_map is ambiguous")
+        mapped[target], origin[target] = tensor, key
+    return mapped, sorted(ignored)
+
+
+def load_weights(encoder: torch.nn.Module, path: Path | str, *, min_fraction: float = DEFAULT_MIN_FRACTION,
+                 adapt: bool = False, sha256: str | None = None) -> LoadReport:
+    """Load ``path`` into ``encoder`` through its card; fail loudly on anything that does not fit."""
+    card: EncoderCard = encoder.card
+    spec = card.checkpoint
+    path = Path(path)
+    report = LoadReport(str(path), sha256 or file_sha256(path))
+    if spec.sha256 and report.sha256 != spec.sha256:
+        raise CheckpointError(f"{path}: sha256 {report.sha256} differs from the card's {spec.sha256}; "
+                              "this is not the published file")
+    mapped, report.ignored = map_keys(read_state_dict(path, spec.container_key), spec)
+    own = encoder.state_dict()
+    mismatched: list[str] = []
+    usable: dict[str, torch.Tensor] = {}
+    for key, tensor in mapped.items():
+        if key not in own:
+            report.unexpected.append(key)
+            continue
+        if tensor.shape != own[key].shape:
+            changed = encoder.adapt_tensor(key, tensor, own[key].shape) if adapt else None
+            if changed is None:
+                mismatched.append(f"{key}: checkpoint {list(tensor.shape)} vs module {list(own[key].shape)}")
+                continue
+            report.adapted.append(f"{key}: {list(tensor.shape)} -> {list(changed.shape)}")
+            tensor = changed
+        usable[key] = tensor.to(own[key].dtype)
+    if mismatched:
+        hint = "" if adapt else " (position embeddings can be interpolated on request: --interpolate-pos)"
+        raise CheckpointError(f"{path}: shape mismatch for {len(mismatched)} key(s){hint}:\n  " + "\n  ".join(mismatched[:20]))
+    encoder.load_state_dict(usable, strict=False)
+    report.loaded = sorted(usable)
+    report.missing = sorted(k for k in own if k not in usable)
+    report.unexpected.sort()
+    total = sum(t.numel() for t in own.values())
+    report.fraction = sum(own[k].numel() for k in usable) / max(total, 1)
+    if report.fraction < min_fraction:
+        raise CheckpointError(
+            f"{path}: only {report.fraction:.1%} of {card.name}'s weights were loaded (threshold {min_fraction:.0%}); "
+            f"missing module keys: {report.missing[:12]}; unexpected checkpoint keys: {report.unexpected[:12]}. "
+            "Fix the card's key_map / strip_prefixes, or lower the threshold knowingly")
+    return report
+
+
+def checkpoint_dirs() -> list[Path]:
+    """Where named checkpoints are looked for: $ASAP_BENCH_CHECKPOINTS, then ./checkpoints."""
+    dirs = [Path(p) for p in os.environ.get("ASAP_BENCH_CHECKPOINTS", "").split(os.pathsep) if p]
+    return dirs + [Path("checkpoints")]
+
+
+def resolve_checkpoint(card: EncoderCard, explicit: Path | str | None = None) -> Path:
+    """The local file holding ``card``'s weights; offline, a remote source fails with what to do."""
+    if explicit is not None:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"--checkpoint {path}: file does not exist")
+        return path
+    spec = card.checkpoint
+    if spec.availability == "none":
+        raise CheckpointError(f"encoder {card.name!r} has no checkpoint (random initialisation)")
+    tried: list[str] = []
+    for source in spec.source:
+        if source.startswith("hf://"):
+            found = _hub_cached(source)
+            if found is not None:
+                return found
+            tried.append(f"{source} (not in the local hub cache; download it with "
+                         f"`huggingface-cli download {source[5:].split('/', 2)[0]}/{source[5:].split('/', 2)[1]}` "
+                         "on a machine with network access)")
+        elif "://" in source:
+            tried.append(f"{source} (remote; download it and pass --checkpoint PATH)")
+        else:
+            for base in [Path(), *checkpoint_dirs()]:
+                candidate = (base / source).expanduser()
+                if candidate.is_file():
+                    return candidate
+            tried.append(f"{source} (not found under ., {', '.join(map(str, checkpoint_dirs()))})")
+    listed = "\n  ".join(tried) or "(the card names no source)"
+    raise CheckpointError(f"no local checkpoint for encoder {card.name!r}; tried:\n  {listed}\n"
+                          "Place the file there or pass --checkpoint PATH")
+
+
+def _hub_cached(source: str) -> Path | None:
+    """hf://owner/repo/path/in/repo -> the file in the local hub cache, without any network call."""
+    parts = source[5:].split("/", 2)
+    if len(parts) < 3:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(f"{parts[0]}/{parts[1]}", parts[2])
+    return Path(found) if isinstance(found, str) else None

@@ -1,0 +1,108 @@
+"""Name -> encoder: the shipped cards, plus encoders other packages add through entry points.
+
+Architectures (card ``family``) map to ``Encoder`` classes, imported lazily so
+that listing encoders never builds a model. A separate package adds an encoder
+without editing this one by declaring an entry point in the group
+``asap_bench.encoders``; the entry point's name is the encoder's name and its
+object is a callable returning ``(card, EncoderClass)`` where ``card`` is an
+``EncoderCard`` or the path of a card YAML. The class is registered under the
+card's family.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from functools import lru_cache
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from .base import Encoder
+from .card import EncoderCard, encoder_names, load_card_file, load_encoder_card
+from .checkpoints import DEFAULT_MIN_FRACTION, LoadReport, load_weights, resolve_checkpoint
+
+ENTRY_POINT_GROUP = "asap_bench.encoders"
+
+BUILTIN_FAMILIES: dict[str, str] = {
+    "vit3d": "asap_bench.encoders.vit3d:ViT3D",
+    "hlip_vit": "asap_bench.encoders.hlip:HLIPViT",
+    "monai_vit": "asap_bench.encoders.monai_vit:MonaiViT",
+    "ctvit": "asap_bench.encoders.ctvit:CTViT",
+    "resnet3d": "asap_bench.encoders.resnet3d:ResNet3D",
+    "i3d_resnet": "asap_bench.encoders.i3d_resnet:I3DResNet",
+    "unet3d_encoder": "asap_bench.encoders.unet3d:UNet3DEncoder",
+}
+
+
+class PluginError(RuntimeError):
+    """An installed plug-in that does not provide a valid (card, Encoder class)."""
+
+
+@lru_cache(maxsize=1)
+def plugins() -> dict[str, tuple[EncoderCard, type[Encoder]]]:
+    """Encoders added by installed packages, loaded once per process."""
+    found: dict[str, tuple[EncoderCard, type[Encoder]]] = {}
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        where = f"entry point {point.name!r} = {point.value!r} (group {ENTRY_POINT_GROUP})"
+        try:
+            card, cls = point.load()()
+        except Exception as err:  # a broken plug-in must name itself, not crash the listing silently
+            raise PluginError(f"{where} failed to load: {err}") from err
+        if not isinstance(card, EncoderCard):
+            card = load_card_file(Path(card))
+        if not (isinstance(cls, type) and issubclass(cls, Encoder)):
+            raise PluginError(f"{where} must return (card, an asap_bench Encoder subclass), got {cls!r}")
+        if card.name != point.name:
+            raise PluginError(f"{where}: its card is named {card.name!r}; the entry point name must match")
+        if point.name in encoder_names():
+            raise PluginError(f"{where}: name {point.name!r} is already a built-in encoder")
+        found[point.name] = (card, cls)
+    return found
+
+
+def all_encoder_names() -> list[str]:
+    return sorted({*encoder_names(), *plugins()})
+
+
+def get_card(name: str | Path) -> EncoderCard:
+    """A card by encoder name (built-in or plug-in) or by the path of a card YAML."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        return load_card_file(path)
+    if name in plugins():
+        return plugins()[name][0]
+    names = all_encoder_names()
+    if name not in names:
+        close = difflib.get_close_matches(str(name), names, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+        raise KeyError(f"unknown encoder {name!r}; {hint}known encoders: {', '.join(names)}")
+    return load_encoder_card(str(name))
+
+
+def family_class(family: str) -> type[Encoder]:
+    for card, cls in plugins().values():
+        if card.family == family:
+            return cls
+    if family not in BUILTIN_FAMILIES:
+        known = sorted({*BUILTIN_FAMILIES, *(c.family for c, _ in plugins().values())})
+        close = difflib.get_close_matches(family, known, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise KeyError(f"unknown architecture family {family!r}; {hint}known: {', '.join(known)}")
+    module, _, attr = BUILTIN_FAMILIES[family].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def build_encoder(name: str | Path | EncoderCard, variant: str = "native") -> Encoder:
+    """The encoder module with its own initialisation (no checkpoint)."""
+    card = name if isinstance(name, EncoderCard) else get_card(name)
+    return family_class(card.family)(card, variant)
+
+
+def load_encoder(name: str | Path | EncoderCard, variant: str = "native", checkpoint: str | Path | None = None,
+                 *, min_fraction: float = DEFAULT_MIN_FRACTION, adapt: bool = False) -> tuple[Encoder, LoadReport | None]:
+    """Build an encoder and load its weights; random-init encoders load nothing."""
+    encoder = build_encoder(name, variant)
+    if encoder.card.checkpoint.availability == "none" and checkpoint is None:
+        return encoder, None
+    path = resolve_checkpoint(encoder.card, checkpoint)
+    return encoder, load_weights(encoder, path, min_fraction=min_fraction, adapt=adapt)
