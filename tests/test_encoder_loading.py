@@ -155,3 +155,15 @@ def test_fingerprint_follows_weights_and_card(installed):
     assert a != encoder_fingerprint(card, "native", "a" * 64)
     changed = card.model_copy(update={"input": card.input.model_copy(update={"hu_window": (-1100.0, 1000.0)})})
     assert a != encoder_fingerprint(changed, "demo", "a" * 64)
+
+
+def test_frozen_forward_matches_a_plain_forward(tiny):
+    from asap_bench.encoders.base import frozen_forward
+
+    x = torch.randn(1, 1, 32, 32, 16)
+    out = frozen_forward(tiny, x, hidden_states=True)
+    with torch.no_grad():
+        ref = tiny(x, hidden_states=True)
+    assert torch.allclose(out.global_embedding, ref.global_embedding)
+    assert out.global_embedding.dtype == torch.float32 and not out.global_embedding.requires_grad
+    assert out.grid == ref.grid and len(out.hidden_states) == 1

@@ -78,3 +78,17 @@ class Encoder(nn.Module):
 def encoder_fingerprint(card: EncoderCard, variant: str, checkpoint_sha256: str | None) -> str:
     """Identity of an encoder's features: card (architecture, input, key map), size variant, weights."""
     return content_hash({"card": card.model_dump(mode="json"), "variant": variant, "checkpoint_sha256": checkpoint_sha256})
+
+
+def frozen_forward(encoder: Encoder, x: torch.Tensor, hidden_states: bool = False) -> EncoderOutput:
+    """Forward of a frozen encoder: inference mode, bf16 autocast on CUDA, float32 results.
+
+    Frozen features are extracted once and cached, so this is the one place the
+    extraction precision is decided; results are cast back to float32 for storage.
+    """
+    device = next(encoder.parameters()).device
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = encoder(x.to(device), hidden_states=hidden_states)
+    cast = lambda t: None if t is None else t.float()  # noqa: E731
+    return EncoderOutput(cast(out.global_embedding), cast(out.patch_tokens), out.grid,
+                         None if out.hidden_states is None else [cast(h) for h in out.hidden_states])
