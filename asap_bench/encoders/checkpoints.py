@@ -127,7 +127,14 @@ def load_weights(encoder: torch.nn.Module, path: Path | str, *, min_fraction: fl
         raise CheckpointError(f"{path}: sha256 {report.sha256} differs from the card's {spec.sha256}; "
                               "this is not the published file")
     mapped, report.ignored = map_keys(read_state_dict(path, spec.container_key), spec)
-    own = encoder.state_dict()
+    adapter = encoder.adapt_tensor if adapt else None
+    return apply_state(encoder, mapped, report, card.name, min_fraction, adapter)
+
+
+def apply_state(module: torch.nn.Module, mapped: dict[str, torch.Tensor], report: LoadReport, what: str,
+                min_fraction: float, adapter=None) -> LoadReport:
+    """Load already-renamed tensors into ``module``, filling ``report``; the checks every load shares."""
+    own = module.state_dict()
     mismatched: list[str] = []
     usable: dict[str, torch.Tensor] = {}
     for key, tensor in mapped.items():
@@ -135,7 +142,7 @@ def load_weights(encoder: torch.nn.Module, path: Path | str, *, min_fraction: fl
             report.unexpected.append(key)
             continue
         if tensor.shape != own[key].shape:
-            changed = encoder.adapt_tensor(key, tensor, own[key].shape) if adapt else None
+            changed = adapter(key, tensor, own[key].shape) if adapter is not None else None
             if changed is None:
                 mismatched.append(f"{key}: checkpoint {list(tensor.shape)} vs module {list(own[key].shape)}")
                 continue
@@ -143,9 +150,10 @@ def load_weights(encoder: torch.nn.Module, path: Path | str, *, min_fraction: fl
             tensor = changed
         usable[key] = tensor.to(own[key].dtype)
     if mismatched:
-        hint = "" if adapt else " (position embeddings can be interpolated on request: --interpolate-pos)"
-        raise CheckpointError(f"{path}: shape mismatch for {len(mismatched)} key(s){hint}:\n  " + "\n  ".join(mismatched[:20]))
-    encoder.load_state_dict(usable, strict=False)
+        hint = "" if adapter is not None else " (position embeddings can be interpolated on request: --interpolate-pos)"
+        raise CheckpointError(f"{report.path}: shape mismatch for {len(mismatched)} key(s){hint}:\n  "
+                              + "\n  ".join(mismatched[:20]))
+    module.load_state_dict(usable, strict=False)
     report.loaded = sorted(usable)
     report.missing = sorted(k for k in own if k not in usable)
     report.unexpected.sort()
@@ -153,7 +161,7 @@ def load_weights(encoder: torch.nn.Module, path: Path | str, *, min_fraction: fl
     report.fraction = sum(own[k].numel() for k in usable) / max(total, 1)
     if report.fraction < min_fraction:
         raise CheckpointError(
-            f"{path}: only {report.fraction:.1%} of {card.name}'s weights were loaded (threshold {min_fraction:.0%}); "
+            f"{report.path}: only {report.fraction:.1%} of {what}'s weights were loaded (threshold {min_fraction:.0%}); "
             f"missing module keys: {report.missing[:12]}; unexpected checkpoint keys: {report.unexpected[:12]}. "
             "Fix the card's key_map / strip_prefixes, or lower the threshold knowingly")
     return report
