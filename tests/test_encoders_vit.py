@@ -198,7 +198,7 @@ def test_learned_table_has_no_cls_slot_for_hi_end_mae():
 
 @pytest.mark.parametrize("name, other_img, key", [
     ("asap", [96, 96, 48], "pos_embed"),          # 6x6x6 -> 4x4x4, CLS slot kept
-    ("hi-end-mae", [128, 128, 64], "pos_embed"),  # 8x8x4 -> 4x4x2, no CLS slot
+    ("hi-end-mae", [96, 96, 48], "pos_embed"),    # 8x8x4 -> 4x4x2 (patch 12), no CLS slot
     ("hlip", [48, 96, 96], "spatial_posemb"),     # 6x6x6 -> 4x4x4
 ])
 def test_position_table_of_another_input_size_needs_adapt(name, other_img, key, tmp_path):

@@ -156,14 +156,23 @@ class ContinuousPositionBias(nn.Module):
         self.net.append(nn.Linear(dim, heads))
 
     def forward(self, height: int, width: int) -> torch.Tensor:
+        """Bias ``[heads, (h w), (h w)]``.
+
+        The MLP runs once per distinct offset ((2h-1)(2w-1) rows) and is then
+        gathered, instead of once per token pair as in the original: the same
+        values, without a [(h w), (h w), dim] intermediate (1.2 GB at 24 x 24).
+        """
         device = self.net[-1].weight.device
-        axes = [torch.arange(n, device=device, dtype=torch.float32) for n in (height, width)]
-        grid = torch.stack(torch.meshgrid(*axes, indexing="ij")).flatten(1).t()  # [(h w), 2]
-        offsets = grid[:, None, :] - grid[None, :, :]
-        offsets = torch.sign(offsets) * torch.log(offsets.abs() + 1)
+        dy = torch.arange(-(height - 1), height, device=device, dtype=torch.float32)
+        dx = torch.arange(-(width - 1), width, device=device, dtype=torch.float32)
+        offsets = torch.stack(torch.meshgrid(dy, dx, indexing="ij"), dim=-1).reshape(-1, 2)
+        table = torch.sign(offsets) * torch.log(offsets.abs() + 1)
         for layer in self.net:
-            offsets = layer(offsets.float())
-        return offsets.permute(2, 0, 1)  # [heads, i, j]
+            table = layer(table)
+        ys, xs = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
+        ys, xs = ys.flatten(), xs.flatten()
+        index = (ys[:, None] - ys[None, :] + height - 1) * (2 * width - 1) + (xs[:, None] - xs[None, :] + width - 1)
+        return table[index].permute(2, 0, 1)
 
 
 class CosineCodebook(nn.Module):

@@ -106,7 +106,7 @@ class HLIPViT(Encoder):
     def encode(self, x: torch.Tensor, hidden_states: bool = False) -> EncoderOutput:
         p, batch, slices = self.num_prefix_tokens, x.shape[0], self.grid[0]
         x = self.patch_embed.proj(x).permute(0, 2, 3, 4, 1)  # [B, d, h, w, C]
-        x = x + resample_grid(self.spatial_posemb, x.shape[1:4]).to(x.dtype)
+        x = x + resample_grid(self.spatial_posemb, x.shape[1:4])
         c = x.shape[-1]
         by_slice = 0 in self.slice_blocks
         x = x.reshape(batch * slices, -1, c) if by_slice else x.reshape(batch, -1, c)

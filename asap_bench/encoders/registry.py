@@ -106,3 +106,23 @@ def load_encoder(name: str | Path | EncoderCard, variant: str = "native", checkp
         return encoder, None
     path = resolve_checkpoint(encoder.card, checkpoint)
     return encoder, load_weights(encoder, path, min_fraction=min_fraction, adapt=adapt)
+
+
+def load_text_tower(name: str | Path | EncoderCard, checkpoint: str | Path | None = None,
+                    text_model: str | Path | None = None, *, min_fraction: float = DEFAULT_MIN_FRACTION):
+    """The encoder's paired text tower (its published text model, or ``text_model`` instead).
+
+    When the card says the checkpoint carries the tower's weights (``key_prefix``),
+    they are loaded from it; otherwise the text model's own weights are used.
+    Returns ``(tower, report or None)``.
+    """
+    from .text import TextTower, load_text_weights
+
+    card = name if isinstance(name, EncoderCard) else get_card(name)
+    spec = card.checkpoint.text_tower
+    if spec is None and text_model is None:
+        raise KeyError(f"encoder {card.name!r} has no text tower; name a text model to pair it with")
+    tower = TextTower(text_model or spec.model_id)
+    if spec is None or spec.key_prefix is None or card.checkpoint.availability == "none":
+        return tower, None
+    return tower, load_text_weights(tower, card, resolve_checkpoint(card, checkpoint), min_fraction)
