@@ -162,6 +162,78 @@ def datasets_show(name: str) -> None:
         click.echo(f"# {table_name}.csv columns: {', '.join(table.columns())}")
 
 
+# --------------------------------------------------------------------------- run
+
+def _seed_list(seeds: int | None, seed_list: str | None) -> list[int] | None:
+    if seed_list:
+        try:
+            return [int(s) for s in seed_list.split(",") if s.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated integers, got {seed_list!r}", param_hint="--seed-list")
+    return list(range(seeds)) if seeds is not None else None
+
+
+@main.command()
+@click.option("--encoder", "encoders", multiple=True, required=True,
+              help="Encoder name or card YAML; repeat or comma-separate for several.")
+@click.option("--task", "tasks", multiple=True, default=("all",), show_default=True,
+              help="'all', a family (cls), a glob ('seg/*') or ids; repeat or comma-separate.")
+@click.option("--seeds", type=int, help="Seeds 0..N-1 (default: each protocol's own, 5).")
+@click.option("--seed-list", help="Explicit seeds, e.g. 0,3,7.")
+@click.option("--ratios", help="Only these regimes, e.g. 0.01,1.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Weights file (default: the card's sources).")
+@click.option("--data-root", type=click.Path(path_type=Path), help="Prepared data (default: $ASAP_BENCH_DATA or the demo cohort).")
+@click.option("--out", type=click.Path(path_type=Path), help="Records folder (default: results/runs/<data>).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--variant", help="Encoder size: native, or demo (default: demo on the demo cohort, else native).")
+@click.option("--batch-size", type=int, default=2, show_default=True, help="Volumes per extraction batch.")
+@click.option("--interpolate-pos", is_flag=True, help="Resample position embeddings when the input grid differs.")
+@click.option("--force", is_flag=True, help="Rerun jobs that already have a valid record.")
+@click.option("--dry-run", is_flag=True, help="Print the job matrix and what is already done; run nothing.")
+@click.option("--quiet", is_flag=True, help="No progress bars or per-job lines; the summary only.")
+@friendly
+def run(encoders, tasks, seeds, seed_list, ratios, checkpoint, data_root, out, device, variant, batch_size,
+        interpolate_pos, force, dry_run, quiet) -> None:
+    """Run encoder(s) x task(s) x regimes x seeds, resumably; one JSON record per job."""
+    from .runner.cli_run import execute
+
+    names = [n.strip() for e in encoders for n in e.split(",") if n.strip()]
+    ratio_list = [float(r) for r in ratios.split(",")] if ratios else None
+    code = execute(names, tasks, _seed_list(seeds, seed_list), ratio_list, checkpoint, data_root, out, device,
+                   variant, batch_size, interpolate_pos, force, dry_run, quiet)
+    sys.exit(code)
+
+
+# --------------------------------------------------------------------------- cache
+
+@main.group()
+def cache() -> None:
+    """The content-keyed volume and feature caches."""
+
+
+@cache.command("ls")
+@friendly
+def cache_ls() -> None:
+    """List cache entries: kind, key, what they hold, size."""
+    from .data.cache import cache_root, entries
+
+    rows = [{"kind": e["kind"], "key": e["key"][:12], "encoder": e.get("encoder", "-"),
+             "data": f"{e.get('dataset')}/{e.get('table')}", "MB": f"{e['bytes'] / 2**20:.1f}",
+             "created": e.get("created", "")} for e in entries()]
+    click.echo(_table(rows, ["kind", "key", "encoder", "data", "MB", "created"]))
+    click.echo(f"\n{len(rows)} entries under {cache_root()}")
+
+
+@cache.command("clear")
+@click.option("--kind", type=click.Choice(["volumes", "features"]), help="Only this kind.")
+@friendly
+def cache_clear(kind: str | None) -> None:
+    """Remove cache entries (the demo cohort is kept)."""
+    from .data.cache import cache_root, clear
+
+    click.echo(f"removed {clear(kind=kind)} entries from {cache_root()}")
+
+
 # --------------------------------------------------------------------------- encoders
 
 @main.group()

@@ -874,13 +874,9 @@ def build_demo(out: Path | str, *, force: bool = False, workers: int | None = No
 
 def default_demo_root() -> Path:
     """``$ASAP_BENCH_CACHE/demo-v<N>``, else ``$XDG_CACHE_HOME`` (or ~/.cache) ``/asap-bench/demo-v<N>``."""
-    name = f"demo-v{GENERATOR_VERSION}"
-    cache = os.environ.get("ASAP_BENCH_CACHE")
-    if cache:
-        return Path(cache).expanduser() / name
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "asap-bench" / name
+    from .cache import cache_root
+
+    return cache_root() / f"demo-v{GENERATOR_VERSION}"
 
 
 def ensure_demo(root: Path | str | None = None) -> Path:

@@ -9,7 +9,6 @@ every cache and split built from it.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,5 +154,19 @@ def label_matrix(manifest: Manifest, target: str) -> pd.DataFrame:
     return manifest.frame[labels.columns].apply(pd.to_numeric, errors="coerce")
 
 
-def is_missing(value: object) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA
+
+
+def data_fingerprint(manifest: Manifest) -> str:
+    """The manifest's hash plus every referenced file's relative path and size.
+
+    Cheap (a stat per file) and shareable: two groups can show they ran on the same
+    data without exchanging it. A content hash of every file is a separate, slower step.
+    """
+    digest = hashlib.sha256(manifest.sha256.encode())
+    columns = [c for c in ("image", "mask") if c in manifest.frame]
+    files = sorted({f for c in columns for f in manifest.frame[c].dropna().tolist()})
+    for relative in files:
+        path = manifest.folder / relative
+        size = path.stat().st_size if path.exists() else -1
+        digest.update(f"{relative}\0{size}\n".encode())
+    return digest.hexdigest()

@@ -1,0 +1,96 @@
+"""`asap-bench run`: resolve the options, run the jobs, print the summary, log to a file."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import click
+
+from ..data.roots import resolve_data_root
+from ..protocol import select_protocols
+from .jobs import expand
+from .local import Outcome, RunOptions, run_jobs
+
+
+def default_out(data_root: Path, synthetic: bool) -> Path:
+    return Path("results") / "runs" / ("demo" if synthetic else data_root.resolve().name)
+
+
+def setup_log(out: Path, quiet: bool) -> tuple[logging.Logger, Path]:
+    """One log file per run under <out>/logs, and warnings on the console unless quiet."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = out / "logs" / f"run-{stamp}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = logging.getLogger("asap_bench")
+    log.handlers.clear()
+    log.setLevel(logging.DEBUG)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    if not quiet:
+        console = logging.StreamHandler()
+        console.setLevel(logging.WARNING)
+        log.addHandler(console)
+    log.propagate = False
+    return log, path
+
+
+def summarise(outcomes: list[Outcome]) -> list[dict]:
+    """One row per (encoder, task, regime): job counts by status and the primary metric over seeds."""
+    rows: dict[tuple, dict] = {}
+    values: dict[tuple, list[float]] = defaultdict(list)
+    for o in outcomes:
+        key = (o.job.encoder, o.job.protocol.id, o.job.ratio)
+        row = rows.setdefault(key, {"encoder": key[0], "task": key[1], "regime": f"{key[2]:g}",
+                                    "metric": o.job.protocol.primary_metric, "ok": 0, "cached": 0, "failed": 0,
+                                    "skipped": 0, "todo": 0, "note": ""})
+        status = o.status if o.status in row else "todo"
+        row[status] += 1
+        if o.metric is not None:
+            values[key].append(o.metric)
+        if o.message and not row["note"]:
+            row["note"] = o.message[:90]
+    for key, row in rows.items():
+        vals = values.get(key, [])
+        row["mean"] = f"{statistics.fmean(vals):.4f}" if vals else "-"
+        row["std"] = f"{statistics.stdev(vals):.4f}" if len(vals) > 1 else "-"
+    return list(rows.values())
+
+
+def execute(encoders: list[str], tasks: tuple[str, ...], seeds: list[int] | None, ratios: list[float] | None,
+            checkpoint: Path | None, data_root: Path | None, out: Path | None, device: str, variant: str | None,
+            batch_size: int, interpolate_pos: bool, force: bool, dry_run: bool, quiet: bool) -> int:
+    from ..cli import _table
+    from ..data.demo import is_demo_root
+
+    root = resolve_data_root(data_root)
+    synthetic = is_demo_root(root)
+    out = out or default_out(root, synthetic)
+    options = RunOptions(data_root=root, out=out, device=device, variant=variant or ("demo" if synthetic else "native"),
+                         checkpoint=checkpoint, force=force, batch_size=batch_size, interpolate_pos=interpolate_pos,
+                         progress=not quiet)
+    jobs = expand(encoders, select_protocols(tasks), seeds, ratios)
+    log, log_path = setup_log(out, quiet)
+    log.info("run: %d jobs, data %s (%s), variant %s, device %s", len(jobs), root,
+             "demo" if synthetic else "real", options.variant, device)
+    start = time.perf_counter()
+    outcomes = run_jobs(jobs, options, log, dry_run=dry_run)
+    rows = summarise(outcomes)
+    columns = ["encoder", "task", "regime", "metric", "mean", "std", "ok", "cached", "failed", "skipped", "note"]
+    if dry_run:
+        columns = ["encoder", "task", "regime", "cached", "todo", "failed", "skipped", "note"]
+    click.echo(_table(rows, columns))
+    counts = defaultdict(int)
+    for o in outcomes:
+        counts[o.status] += 1
+    verb = "would run" if dry_run else "ran"
+    click.echo(f"\n{len(jobs)} jobs ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); {verb} in "
+               f"{time.perf_counter() - start:.1f} s on {'the demo cohort' if synthetic else root}; "
+               f"records under {out}; log {log_path}")
+    for o in outcomes:
+        log.info("%s: %s %s", o.job.name, o.status, o.message)
+    return 1 if counts["failed"] else 0

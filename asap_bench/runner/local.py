@@ -1,0 +1,343 @@
+"""Running jobs in this process: shared preparation once, then each job, each recorded.
+
+Work is grouped by (encoder, protocol). A group first does the cheap part
+(manifest, input spec, fingerprints, split files) so that finished jobs are
+recognised without loading a model; only if a job is left does it build the
+encoder and extract frozen features, which the feature cache then serves to
+every seed, regime and protocol on the same data. Every job ends as a record,
+ok or failed; a failure never stops the other jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.cache import FeatureSet, VolumeCache, build_features, cache_root, feature_key
+from ..data.manifest import Manifest, data_fingerprint, load_manifest
+from ..data.roots import default_splits_dir
+from ..data.transforms import input_for
+from ..encoders.base import Encoder, encoder_fingerprint, frozen_forward
+from ..encoders.card import EncoderCard, InputSpec
+from ..encoders.checkpoints import DEFAULT_MIN_FRACTION, resolve_checkpoint
+from ..encoders.registry import family_class, get_card
+from ..data.manifest import file_sha256
+from ..protocol import Protocol
+from ..results.record import Provenance, ResultRecord, Timing, now, software, write_record
+from ..splits import Split, ensure_split
+from ..tasks.base import FamilyNotBuilt, TaskFamily, TaskInputs, get_family
+from .jobs import Job, existing, job_key
+
+CODE_VERSION = "1"  # bump when a change to the runner or a family alters results
+
+
+@dataclass
+class RunOptions:
+    data_root: Path
+    out: Path
+    device: str = "cpu"
+    variant: str = "native"  # encoder size: "native", or "demo" on the demo cohort
+    checkpoint: Path | None = None
+    force: bool = False
+    batch_size: int = 2
+    interpolate_pos: bool = False
+    min_fraction: float = DEFAULT_MIN_FRACTION
+    splits_dir: Path | None = None
+    cache_dir: Path | None = None
+    progress: bool = True
+
+
+@dataclass
+class Outcome:
+    job: Job
+    status: str  # ok | cached | failed | skipped
+    metric: float | None = None
+    seconds: float = 0.0
+    message: str = ""
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed, same numbers: every source of randomness a family may touch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def effective_input(protocol: Protocol, card: EncoderCard, variant: str) -> InputSpec:
+    """What this encoder is fed under this protocol; a reduced variant keeps its own size, unresampled."""
+    spec = input_for(protocol.preprocessing, card.input)
+    if variant == "native":
+        return spec
+    arch = card.architecture_for(variant)
+    by_axis = dict(zip(card.input.axis_order, arch["img_size"]))
+    return spec.model_copy(update={"size": tuple(int(by_axis[a]) for a in "HWD"), "spacing": None})
+
+
+@dataclass
+class EncoderEntry:
+    card: EncoderCard
+    fingerprint: str
+    checkpoint: Path | None
+    checkpoint_sha256: str | None
+    module: Encoder | None = None
+
+
+@dataclass
+class Group:
+    """The shared state of one (encoder, protocol): data, input, fingerprints, splits, features."""
+
+    encoder: EncoderEntry
+    protocol: Protocol
+    family: TaskFamily
+    manifest: Manifest
+    spec: InputSpec
+    data_fp: str
+    target: Manifest | None = None
+    target_fp: str | None = None
+    splits: dict[int, Split] = field(default_factory=dict)
+    features: FeatureSet | None = None
+    target_features: FeatureSet | None = None
+
+
+class Session:
+    """Memoises what jobs share within one run: encoders, manifests, feature sets."""
+
+    def __init__(self, options: RunOptions, log: logging.Logger):
+        self.options, self.log = options, log
+        self._manifests: dict[tuple[str, str], Manifest] = {}
+        self._encoders: dict[tuple[str, tuple], EncoderEntry] = {}
+        self._ckpt_sha: dict[Path, str] = {}
+        self.volume_caches: list[VolumeCache] = []
+
+    # ---- cheap preparation
+    def manifest(self, dataset: str, table: str) -> Manifest:
+        if (dataset, table) not in self._manifests:
+            self._manifests[(dataset, table)] = load_manifest(self.options.data_root, dataset, table)
+        return self._manifests[(dataset, table)]
+
+    def encoder_entry(self, name: str, spec: InputSpec) -> EncoderEntry:
+        """Card (sized for ``spec``), checkpoint and fingerprint; the module is built only when needed."""
+        base = get_card(name)
+        arch = base.architecture_for(self.options.variant)
+        size = tuple(spec.tensor_size())
+        key = (name, size)
+        if key not in self._encoders:
+            card = base
+            if self.options.variant != "native" or tuple(arch.get("img_size", size)) != size:
+                overrides = {**arch, "img_size": list(size)} if "img_size" in arch else arch
+                card = base.model_copy(update={"architecture": overrides, "input": spec})
+            path = sha = None
+            if base.checkpoint.availability != "none" or self.options.checkpoint is not None:
+                path = resolve_checkpoint(base, self.options.checkpoint)
+                if path not in self._ckpt_sha:
+                    self._ckpt_sha[path] = file_sha256(path)
+                sha = self._ckpt_sha[path]
+            self._encoders[key] = EncoderEntry(card, encoder_fingerprint(card, "native", sha), path, sha)
+        return self._encoders[key]
+
+    def group(self, encoder: str, protocol: Protocol, family: TaskFamily) -> Group:
+        manifest = self.manifest(protocol.data.dataset, protocol.data.table)
+        spec = effective_input(protocol, get_card(encoder), self.options.variant)
+        entry = self.encoder_entry(encoder, spec)
+        group = Group(entry, protocol, family, manifest, spec, data_fingerprint(manifest))
+        if protocol.transfer is not None:
+            target = protocol.transfer.target
+            group.target = self.manifest(target.dataset, target.table)
+            group.target_fp = data_fingerprint(group.target)
+        return group
+
+    def split(self, group: Group, seed: int) -> Split:
+        if seed not in group.splits:
+            directory = self.options.splits_dir or default_splits_dir(self.options.data_root)
+            group.splits[seed] = ensure_split(group.manifest, group.protocol, seed, directory)
+        return group.splits[seed]
+
+    # ---- heavy preparation
+    def module(self, entry: EncoderEntry) -> Encoder:
+        if entry.module is None:
+            seed_everything(0)  # random-init encoders are the same in every run
+            module = family_class(entry.card.family)(entry.card, "native")
+            if entry.checkpoint is not None:
+                from ..encoders.checkpoints import load_weights
+
+                report = load_weights(module, entry.checkpoint, min_fraction=self.options.min_fraction,
+                                      adapt=self.options.interpolate_pos, sha256=entry.checkpoint_sha256)
+                self.log.info("loaded %s", report.summary())
+            entry.module = module.to(self.options.device).eval()
+        return entry.module
+
+    def features(self, group: Group, manifest: Manifest) -> FeatureSet:
+        root = self.options.cache_dir or cache_root()
+        key = feature_key(group.encoder.fingerprint, group.spec, manifest)
+        folder = root / "features" / key
+        if not (folder / "meta.json").is_file():
+            module = self.module(group.encoder)
+            volumes = VolumeCache(manifest, group.spec, root)
+            self.volume_caches.append(volumes)
+
+            def encode(batch: np.ndarray) -> np.ndarray:
+                return frozen_forward(module, torch.from_numpy(batch)).global_embedding.cpu().numpy()
+
+            meta = {"encoder": group.encoder.card.name, "encoder_fingerprint": group.encoder.fingerprint,
+                    "dataset": manifest.dataset, "table": manifest.table_name, "manifest_sha256": manifest.sha256,
+                    "input": group.spec.model_dump(mode="json"), "device": self.options.device}
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            with _progress(len(manifest.frame["image"].unique()), f"extract {group.encoder.card.name} "
+                           f"{manifest.dataset}/{manifest.table_name}", self.options.progress) as bar:
+                build_features(folder, manifest, module.embed_dim, encode, volumes, self.options.batch_size, meta,
+                               progress=bar.update)
+        return FeatureSet.open(folder, manifest)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="vol", leave=False)
+
+
+def _provenance(group: Group | None, job: Job, options: RunOptions, split: Split | None) -> Provenance:
+    protocol = job.protocol
+    base: dict[str, Any] = {
+        "protocol_id": protocol.id, "protocol_version": protocol.version, "protocol_fingerprint": protocol.fingerprint,
+        "encoder": job.encoder, "encoder_variant": options.variant, "dataset": protocol.data.dataset,
+        "table": protocol.data.table, "software": software(), "device": options.device,
+    }
+    if group is not None:
+        base.update({
+            "split_sha256": split.sha256 if split else None, "encoder_fingerprint": group.encoder.fingerprint,
+            "checkpoint_sha256": group.encoder.checkpoint_sha256, "manifest_sha256": group.manifest.sha256,
+            "data_fingerprint": group.data_fp, "synthetic": group.manifest.synthetic,
+            "input_spec": group.spec.model_dump(mode="json"),
+            "feature_key": group.features.key if group.features else None,
+        })
+        if group.target is not None:
+            base.update({"target_dataset": group.target.dataset, "target_data_fingerprint": group.target_fp})
+    return Provenance(**base)
+
+
+def _key(group: Group, job: Job, split: Split) -> str:
+    return job_key(job, encoder_fingerprint=group.encoder.fingerprint, split_sha256=split.sha256,
+                   data_fingerprint=group.data_fp, target_fingerprint=group.target_fp,
+                   input_spec=group.spec.model_dump(mode="json"), code=CODE_VERSION)
+
+
+def _failed(job: Job, options: RunOptions, group: Group | None, split: Split | None, error: BaseException,
+            started: str, t0: float, key: str = "") -> Outcome:
+    message = f"{type(error).__name__}: {error}"
+    path = job.record_path(options.out)
+    previous = existing(path)
+    if previous is not None and previous.status == "ok" and not key:
+        # the group failed before the job's key was known: keep the result already computed
+        return Outcome(job, "failed", seconds=time.perf_counter() - t0, message=message.splitlines()[0])
+    record = ResultRecord(job_key=key, encoder=job.encoder, protocol=job.protocol.id, family=job.protocol.family,
+                          regime=job.ratio, seed=job.seed, status="failed", error=message,
+                          provenance=_provenance(group, job, options, split),
+                          timing=Timing(started=started, finished=now(), seconds=round(time.perf_counter() - t0, 3)))
+    write_record(path, record)
+    return Outcome(job, "failed", seconds=time.perf_counter() - t0, message=message.splitlines()[0])
+
+
+def run_jobs(jobs: list[Job], options: RunOptions, log: logging.Logger, dry_run: bool = False) -> list[Outcome]:
+    """Run (or, dry, classify) every job; returns one outcome per job, in order."""
+    session = Session(options, log)
+    outcomes: list[Outcome] = []
+    groups: dict[tuple[str, str], list[Job]] = {}
+    for job in jobs:
+        groups.setdefault((job.encoder, job.protocol.id), []).append(job)
+    for (encoder, _), members in groups.items():
+        protocol = members[0].protocol
+        try:
+            family = get_family(protocol)
+        except FamilyNotBuilt as reason:
+            outcomes += [Outcome(job, "skipped", message=str(reason)) for job in members]
+            continue
+        started, t0 = now(), time.perf_counter()
+        try:
+            group = session.group(encoder, protocol, family)
+        except FileNotFoundError as missing:
+            outcomes += [Outcome(job, "skipped", message=f"data not prepared: {str(missing).splitlines()[0]}")
+                         for job in members]
+            continue
+        except Exception as error:  # a card, checkpoint or manifest problem fails this group only
+            log.error("%s %s: %s", encoder, protocol.id, error)
+            outcomes += [Outcome(job, "failed", message=f"{type(error).__name__}: {error}".splitlines()[0])
+                         if dry_run else _failed(job, options, None, None, error, started, t0) for job in members]
+            continue
+        todo: list[tuple[Job, Split, str]] = []
+        for job in members:
+            try:
+                split = session.split(group, job.seed)
+            except Exception as error:
+                outcomes.append(_failed(job, options, group, None, error, started, t0) if not dry_run
+                                else Outcome(job, "failed", message=str(error).splitlines()[0]))
+                continue
+            key = _key(group, job, split)
+            record = existing(job.record_path(options.out))
+            if record is not None and record.status == "ok" and record.job_key == key and not options.force:
+                outcomes.append(Outcome(job, "cached", metric=record.metrics.get(protocol.primary_metric),
+                                        seconds=record.timing.seconds))
+            else:
+                state = "todo" if record is None else ("stale" if record.status == "ok" else "retry")
+                todo.append((job, split, key))
+                if dry_run:
+                    outcomes.append(Outcome(job, state))
+        if dry_run or not todo:
+            continue
+        try:
+            if family.needs == "global":
+                group.features = session.features(group, group.manifest)
+                if group.target is not None:
+                    group.target_features = session.features(group, group.target)
+        except Exception as error:
+            log.error("%s %s: feature extraction failed: %s", encoder, protocol.id, error)
+            log.debug(traceback.format_exc())
+            outcomes += [_failed(job, options, group, split, error, started, t0, key) for job, split, key in todo]
+            continue
+        for job, split, key in todo:
+            outcomes.append(run_one(job, group, split, key, options, log))
+    return outcomes
+
+
+def run_one(job: Job, group: Group, split: Split, key: str, options: RunOptions, log: logging.Logger) -> Outcome:
+    started, t0 = now(), time.perf_counter()
+    try:
+        seed_everything(job.seed)
+        inputs = TaskInputs(job.protocol, group.manifest, split, job.ratio, job.seed, group.features,
+                            group.target, group.target_features, options.device, log)
+        result = group.family.run(inputs)
+        bad = [k for k, v in result.metrics.items() if v is not None and not np.isfinite(v)]
+        if bad:
+            raise FloatingPointError(f"metrics {bad} are not finite; a NaN metric must be None with a reason in notes")
+    except Exception as error:  # NaN loss, out of memory, a corrupt volume: this job only
+        log.error("%s failed: %s", job.name, error)
+        log.debug(traceback.format_exc())
+        return _failed(job, options, group, split, error, started, t0, key)
+    seconds = time.perf_counter() - t0
+    record = ResultRecord(job_key=key, encoder=job.encoder, protocol=job.protocol.id, family=job.protocol.family,
+                          regime=job.ratio, seed=job.seed, status="ok", metrics=result.metrics, notes=result.notes,
+                          selected=result.selected, sizes=result.sizes,
+                          provenance=_provenance(group, job, options, split),
+                          timing=Timing(started=started, finished=now(), seconds=round(seconds, 3)))
+    write_record(job.record_path(options.out), record, result.units)
+    return Outcome(job, "ok", metric=result.metrics.get(job.protocol.primary_metric), seconds=seconds)

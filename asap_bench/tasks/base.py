@@ -1,0 +1,91 @@
+"""The task-family interface: the only thing the runner knows about a task.
+
+A family gets one job's inputs (protocol, manifest, split, regime, seed, and
+the frozen features it asked for) and returns metrics, the hyper-parameters it
+chose on validation, and per-unit outputs for paired tests. It fits on the
+regime subset of train, selects on val, and scores test once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..data.manifest import Manifest
+from ..protocol import Protocol
+from ..splits import Split
+
+
+class FeatureLookup(ABC):
+    """Frozen features by case id (rows of a memory-mapped array)."""
+
+    @abstractmethod
+    def global_features(self, case_ids: list[str]) -> np.ndarray:  # [n, D] float32
+        ...
+
+
+@dataclass
+class TaskInputs:
+    protocol: Protocol
+    manifest: Manifest
+    split: Split
+    ratio: float
+    seed: int
+    features: FeatureLookup | None = None
+    target: Manifest | None = None  # external validation: the target data
+    target_features: FeatureLookup | None = None
+    device: str = "cpu"
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("asap_bench.task"))
+
+    @property
+    def train(self) -> list[str]:
+        """The regime subset of train: the cases a family may fit on."""
+        return self.split.regime(self.ratio)
+
+
+@dataclass
+class TaskResult:
+    metrics: dict[str, float | None]  # None where a metric cannot be computed; say why in notes
+    notes: dict[str, str] = field(default_factory=dict)
+    selected: dict[str, Any] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    units: dict[str, Any] | None = None  # per-unit outputs (per case / per label) for paired tests
+
+
+class TaskFamily(ABC):
+    """A family of tasks. ``needs`` says what the runner must provide: frozen global features,
+    frozen patch tokens, or preprocessed volumes (fine-tuning)."""
+
+    name: ClassVar[str]
+    needs: ClassVar[str] = "global"  # "global" | "tokens" | "volumes"
+
+    @abstractmethod
+    def run(self, inputs: TaskInputs) -> TaskResult:
+        ...
+
+
+# family -> implementation; a protocol whose family is missing here is reported as skipped
+FAMILIES: dict[str, str] = {
+    "cls": "asap_bench.tasks.linear_probe:LinearProbe",
+}
+
+
+class FamilyNotBuilt(LookupError):
+    """The protocol's family has no implementation yet; its jobs are skipped, with this reason."""
+
+
+def get_family(protocol: Protocol, available: dict[str, str] | None = None) -> TaskFamily:
+    """The family that runs ``protocol`` (ext runs its source protocol's family)."""
+    available = FAMILIES if available is None else available
+    family = protocol.family
+    if protocol.transfer is not None:
+        family = protocol.transfer.source.split("/")[0]
+    if family not in available:
+        raise FamilyNotBuilt(f"task family '{family}' is not implemented yet")
+    module, _, attr = available[family].partition(":")
+    return getattr(importlib.import_module(module), attr)()
