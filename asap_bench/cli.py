@@ -191,17 +191,57 @@ def _seed_list(seeds: int | None, seed_list: str | None) -> list[int] | None:
 @click.option("--force", is_flag=True, help="Rerun jobs that already have a valid record.")
 @click.option("--dry-run", is_flag=True, help="Print the job matrix and what is already done; run nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-job lines; the summary only.")
+@click.option("--launcher", type=click.Choice(["local", "torchrun", "slurm"]), default="local", show_default=True,
+              help="torchrun: data-parallel in --nproc processes; slurm: one job per (encoder, task) via submitit.")
+@click.option("--nproc", type=int, default=2, show_default=True, help="Processes for --launcher torchrun.")
+@click.option("--slurm-partition", help="SLURM partition.")
+@click.option("--slurm-gpus", type=int, default=0, show_default=True, help="GPUs per SLURM job.")
+@click.option("--slurm-time", type=int, default=240, show_default=True, help="Minutes per SLURM job (requeued on timeout).")
+@click.option("--slurm-cpus", type=int, default=4, show_default=True)
+@click.option("--slurm-mem-gb", type=int, default=32, show_default=True)
+@click.option("--slurm-folder", type=click.Path(path_type=Path), help="submitit logs (default: <out>/slurm).")
+@click.option("--slurm-cluster", type=click.Choice(["slurm", "local", "debug"]), default="slurm", hidden=True)
+@click.pass_context
 @friendly
-def run(encoders, tasks, seeds, seed_list, ratios, checkpoint, data_root, out, device, variant, batch_size,
-        interpolate_pos, force, dry_run, quiet) -> None:
+def run(ctx, encoders, tasks, seeds, seed_list, ratios, checkpoint, data_root, out, device, variant, batch_size,
+        interpolate_pos, force, dry_run, quiet, launcher, nproc, slurm_partition, slurm_gpus, slurm_time, slurm_cpus,
+        slurm_mem_gb, slurm_folder, slurm_cluster) -> None:
     """Run encoder(s) x task(s) x regimes x seeds, resumably; one JSON record per job."""
     from .runner.cli_run import execute
+    from .runner.distributed import launched_by_torchrun
+    from .runner.launch import SlurmOptions, torchrun_command
 
+    if launcher == "torchrun" and not launched_by_torchrun():
+        import subprocess
+
+        forwarded = _forward_args(ctx, drop={"launcher", "nproc"})
+        sys.exit(subprocess.run(torchrun_command(forwarded, nproc)).returncode)
     names = [n.strip() for e in encoders for n in e.split(",") if n.strip()]
     ratio_list = [float(r) for r in ratios.split(",")] if ratios else None
+    slurm = None
+    if launcher == "slurm":
+        slurm = SlurmOptions(folder=slurm_folder, partition=slurm_partition, gpus=slurm_gpus, cpus=slurm_cpus,
+                             mem_gb=slurm_mem_gb, minutes=slurm_time, cluster=slurm_cluster)
     code = execute(names, tasks, _seed_list(seeds, seed_list), ratio_list, checkpoint, data_root, out, device,
-                   variant, batch_size, interpolate_pos, force, dry_run, quiet)
+                   variant, batch_size, interpolate_pos, force, dry_run, quiet, slurm)
     sys.exit(code)
+
+
+def _forward_args(ctx: click.Context, drop: set[str]) -> list[str]:
+    """The options of this invocation as command-line arguments, to re-run it under a launcher."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name in drop or param.name not in ctx.params:
+            continue
+        value, flag = ctx.params[param.name], param.opts[0]
+        if param.is_flag:
+            args += [flag] if value else []
+        elif param.multiple:
+            for item in value:
+                args += [flag, str(item)]
+        elif value is not None:
+            args += [flag, str(value)]
+    return args
 
 
 # --------------------------------------------------------------------------- cache

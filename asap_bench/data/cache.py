@@ -144,25 +144,23 @@ def blocks(n: int, size: int) -> list[range]:
     return [range(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def build_features(folder: Path, manifest: Manifest, dim: int, encode: Callable[[np.ndarray], np.ndarray],
-                   volumes: VolumeCache, batch_size: int, meta: dict[str, Any],
-                   my_blocks: Iterable[int] | None = None, progress: Callable[[int], None] | None = None,
-                   tmp: Path | None = None, finalize: bool = True) -> Path:
-    """Extract features for every image into ``folder`` (atomically); each image is encoded once.
+def create_feature_file(tmp: Path, n: int, dim: int) -> None:
+    """The empty memory-mapped array every extracting process writes its rows into."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    array = np.lib.format.open_memmap(tmp / "global.npy", mode="w+", dtype=np.float32, shape=(n, dim))
+    del array
 
-    ``my_blocks`` restricts this process to some batches (data-parallel extraction:
-    every rank writes its own rows of one shared memory-mapped file); ``finalize``
-    renames the finished entry into place.
+
+def extract_into(tmp: Path, manifest: Manifest, encode: Callable[[np.ndarray], np.ndarray], volumes: VolumeCache,
+                 batch_size: int, my_blocks: Iterable[int] | None = None,
+                 progress: Callable[[int], None] | None = None) -> int:
+    """Encode this process's batches into ``tmp/global.npy``; returns the number of forward passes.
+
+    ``my_blocks`` restricts the process to some batches (data-parallel extraction);
+    batches are fixed, so the rows do not depend on how many processes share the work.
     """
     images = unique_images(manifest)
-    tmp = tmp or folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    path = tmp / "global.npy"
-    if not path.exists():
-        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(len(images), dim))
-        del array
-    array = np.load(path, mmap_mode="r+")
-    started = time.perf_counter()
+    array = np.load(tmp / "global.npy", mmap_mode="r+")
     forwards = 0
     todo = blocks(len(images), batch_size)
     for b in (range(len(todo)) if my_blocks is None else my_blocks):
@@ -174,10 +172,7 @@ def build_features(folder: Path, manifest: Manifest, dim: int, encode: Callable[
             progress(len(rows))
     array.flush()
     del array
-    if finalize:
-        finish_features(folder, tmp, images, {**meta, "forward_passes": forwards, "unique_images": len(images),
-                                              "extract_seconds": round(time.perf_counter() - started, 3)})
-    return tmp
+    return forwards
 
 
 def finish_features(folder: Path, tmp: Path, images: list[str], meta: dict[str, Any]) -> None:

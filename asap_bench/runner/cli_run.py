@@ -20,10 +20,10 @@ def default_out(data_root: Path, synthetic: bool) -> Path:
     return Path("results") / "runs" / ("demo" if synthetic else data_root.resolve().name)
 
 
-def setup_log(out: Path, quiet: bool) -> tuple[logging.Logger, Path]:
-    """One log file per run under <out>/logs, and warnings on the console unless quiet."""
+def setup_log(out: Path, quiet: bool, rank: int = 0) -> tuple[logging.Logger, Path]:
+    """One log file per run (and rank) under <out>/logs, and warnings on the console unless quiet."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = out / "logs" / f"run-{stamp}.log"
+    path = out / "logs" / (f"run-{stamp}.log" if rank == 0 else f"run-{stamp}-rank{rank}.log")
     path.parent.mkdir(parents=True, exist_ok=True)
     log = logging.getLogger("asap_bench")
     log.handlers.clear()
@@ -63,9 +63,10 @@ def summarise(outcomes: list[Outcome]) -> list[dict]:
 
 def execute(encoders: list[str], tasks: tuple[str, ...], seeds: list[int] | None, ratios: list[float] | None,
             checkpoint: Path | None, data_root: Path | None, out: Path | None, device: str, variant: str | None,
-            batch_size: int, interpolate_pos: bool, force: bool, dry_run: bool, quiet: bool) -> int:
+            batch_size: int, interpolate_pos: bool, force: bool, dry_run: bool, quiet: bool, slurm=None) -> int:
     from ..cli import _table
     from ..data.demo import is_demo_root
+    from . import distributed
 
     root = resolve_data_root(data_root)
     synthetic = is_demo_root(root)
@@ -74,11 +75,24 @@ def execute(encoders: list[str], tasks: tuple[str, ...], seeds: list[int] | None
                          checkpoint=checkpoint, force=force, batch_size=batch_size, interpolate_pos=interpolate_pos,
                          progress=not quiet)
     jobs = expand(encoders, select_protocols(tasks), seeds, ratios)
-    log, log_path = setup_log(out, quiet)
-    log.info("run: %d jobs, data %s (%s), variant %s, device %s", len(jobs), root,
-             "demo" if synthetic else "real", options.variant, device)
+    if distributed.launched_by_torchrun():
+        options.device = distributed.init(device)
+        quiet = quiet or distributed.rank() > 0
+        options.progress = not quiet
+    log, log_path = setup_log(out, quiet, distributed.rank())
+    log.info("run: %d jobs, data %s (%s), variant %s, device %s, %d process(es)", len(jobs), root,
+             "demo" if synthetic else "real", options.variant, options.device, distributed.world())
     start = time.perf_counter()
-    outcomes = run_jobs(jobs, options, log, dry_run=dry_run)
+    if slurm is not None and not dry_run:
+        from .launch import run_slurm
+
+        slurm.folder = slurm.folder or out / "slurm"
+        outcomes = run_slurm(jobs, options, slurm)
+    else:
+        outcomes = run_jobs(jobs, options, log, dry_run=dry_run)
+    if distributed.rank() > 0:
+        distributed.shutdown()
+        return 0
     rows = summarise(outcomes)
     columns = ["encoder", "task", "regime", "metric", "mean", "std", "ok", "cached", "failed", "skipped", "note"]
     if dry_run:
@@ -93,4 +107,5 @@ def execute(encoders: list[str], tasks: tuple[str, ...], seeds: list[int] | None
                f"records under {out}; log {log_path}")
     for o in outcomes:
         log.info("%s: %s %s", o.job.name, o.status, o.message)
+    distributed.shutdown()
     return 1 if counts["failed"] else 0

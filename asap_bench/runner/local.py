@@ -11,6 +11,7 @@ ok or failed; a failure never stops the other jobs.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 import traceback
@@ -21,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.cache import FeatureSet, VolumeCache, build_features, cache_root, feature_key
+from ..data.cache import (FeatureSet, VolumeCache, blocks, cache_root, create_feature_file, extract_into,
+                          feature_key, finish_features, unique_images)
 from ..data.manifest import Manifest, data_fingerprint, load_manifest
 from ..data.roots import default_splits_dir
 from ..data.transforms import input_for
@@ -34,6 +36,7 @@ from ..protocol import Protocol
 from ..results.record import Provenance, ResultRecord, Timing, now, software, write_record
 from ..splits import Split, ensure_split
 from ..tasks.base import FamilyNotBuilt, TaskFamily, TaskInputs, get_family
+from . import distributed
 from .jobs import Job, existing, job_key
 
 CODE_VERSION = "1"  # bump when a change to the runner or a family alters results
@@ -178,7 +181,7 @@ class Session:
         root = self.options.cache_dir or cache_root()
         key = feature_key(group.encoder.fingerprint, group.spec, manifest)
         folder = root / "features" / key
-        if not (folder / "meta.json").is_file():
+        if not distributed.agree((folder / "meta.json").is_file()):
             module = self.module(group.encoder)
             volumes = VolumeCache(manifest, group.spec, root)
             self.volume_caches.append(volumes)
@@ -189,11 +192,25 @@ class Session:
             meta = {"encoder": group.encoder.card.name, "encoder_fingerprint": group.encoder.fingerprint,
                     "dataset": manifest.dataset, "table": manifest.table_name, "manifest_sha256": manifest.sha256,
                     "input": group.spec.model_dump(mode="json"), "device": self.options.device}
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            with _progress(len(manifest.frame["image"].unique()), f"extract {group.encoder.card.name} "
-                           f"{manifest.dataset}/{manifest.table_name}", self.options.progress) as bar:
-                build_features(folder, manifest, module.embed_dim, encode, volumes, self.options.batch_size, meta,
-                               progress=bar.update)
+            images = unique_images(manifest)
+            # one temp folder all ranks share (named by rank 0), or a private one in a single process
+            tmp = folder.parent / f".{key}.tmp-{distributed.agree(os.getpid())}"
+            if distributed.rank() == 0:
+                create_feature_file(tmp, len(images), module.embed_dim)
+            distributed.barrier()
+            started = time.perf_counter()
+            n_blocks = len(blocks(len(images), self.options.batch_size))
+            mine = range(distributed.rank(), n_blocks, distributed.world())
+            with _progress(len(images), f"extract {group.encoder.card.name} {manifest.dataset}/{manifest.table_name}",
+                           self.options.progress and distributed.rank() == 0) as bar:
+                forwards = extract_into(tmp, manifest, encode, volumes, self.options.batch_size, mine, bar.update)
+            forwards = distributed.total(forwards)
+            distributed.barrier()
+            if distributed.rank() == 0:
+                finish_features(folder, tmp, images, {**meta, "forward_passes": forwards, "unique_images": len(images),
+                                                      "processes": distributed.world(),
+                                                      "extract_seconds": round(time.perf_counter() - started, 3)})
+            distributed.barrier()
         return FeatureSet.open(folder, manifest)
 
 
@@ -302,6 +319,7 @@ def run_jobs(jobs: list[Job], options: RunOptions, log: logging.Logger, dry_run:
                 todo.append((job, split, key))
                 if dry_run:
                     outcomes.append(Outcome(job, state))
+        distributed.barrier()  # every rank has decided what is left before any rank writes a record
         if dry_run or not todo:
             continue
         try:
@@ -314,8 +332,20 @@ def run_jobs(jobs: list[Job], options: RunOptions, log: logging.Logger, dry_run:
             log.debug(traceback.format_exc())
             outcomes += [_failed(job, options, group, split, error, started, t0, key) for job, split, key in todo]
             continue
-        for job, split, key in todo:
-            outcomes.append(run_one(job, group, split, key, options, log))
+        for index, (job, split, key) in enumerate(todo):
+            if index % distributed.world() == distributed.rank():
+                outcomes.append(run_one(job, group, split, key, options, log))
+    if distributed.world() > 1:
+        gathered = distributed.gather(outcomes)
+        if gathered is None:
+            return []
+        # shared outcomes (cached, skipped) come from every rank; a run job's from one
+        ident = lambda job: (job.encoder, job.protocol.id, job.ratio, job.seed)  # noqa: E731
+        unique = {}
+        for outcome in gathered:
+            unique.setdefault(ident(outcome.job), outcome)
+        order = {ident(job): i for i, job in enumerate(jobs)}
+        outcomes = sorted(unique.values(), key=lambda o: order[ident(o.job)])
     return outcomes
 
 

@@ -159,7 +159,7 @@ def fit_path(X: np.ndarray, Y: np.ndarray, kind: str, n_outputs: int, params: Pr
     for h, (keep, y) in enumerate(_heads(kind, Y)):
         classes = np.unique(y)
         if len(classes) < 2:
-            unfitted[h] = (f"the training subset has no labelled case" if len(classes) == 0 else
+            unfitted[h] = ("the training subset has no labelled case" if len(classes) == 0 else
                            f"the training subset has only class {int(classes[0])} ({len(y)} case(s))")
             for c in params.c_grid:
                 path[c].append(None)
@@ -179,7 +179,7 @@ def fit_path(X: np.ndarray, Y: np.ndarray, kind: str, n_outputs: int, params: Pr
 
 
 def youden_thresholds(Y: np.ndarray, S: np.ndarray) -> tuple[list[float], dict[int, str]]:
-    """Per label, the threshold maximising TPR - FPR on these (validation) outputs; 0.5 where undefined."""
+    """Per label, a threshold maximising TPR - FPR (Youden's J) on these validation outputs; 0.5 where undefined."""
     thresholds, fallback = [], {}
     for j in range(Y.shape[1]):
         keep = ~np.isnan(Y[:, j]) & ~np.isnan(S[:, j])
@@ -188,9 +188,11 @@ def youden_thresholds(Y: np.ndarray, S: np.ndarray) -> tuple[list[float], dict[i
             thresholds.append(0.5)
             fallback[j] = "validation holds one class or none; threshold 0.5"
             continue
-        fpr, tpr, cut = roc_curve(y, s)
+        fpr, tpr, cut = roc_curve(y, s, drop_intermediate=False)
         best = int(np.argmax(tpr - fpr))
-        thresholds.append(float(min(cut[best], 1.0)))
+        # halfway to the next lower val score: the same val decisions, with a margin on both sides
+        t = (cut[best] + cut[best + 1]) / 2 if 0 < best < len(cut) - 1 else cut[best]
+        thresholds.append(float(min(t, 1.0)))
     return thresholds, fallback
 
 
