@@ -17,8 +17,7 @@ install: $(STAMP)
 
 demo: install
 	$(VENV)/bin/asap-bench demo build
-	$(VENV)/bin/asap-bench protocols validate
-	$(VENV)/bin/asap-bench splits make all
+	$(VENV)/bin/asap-bench run --encoder random --task all --seeds 5
 
 test: install
 	$(PY) -m pip install --quiet --no-deps --force-reinstall .
