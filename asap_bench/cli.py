@@ -43,6 +43,11 @@ def _table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def _echo_yaml(model) -> None:
+    """A validated model as YAML, fields in schema order and every default resolved."""
+    click.echo(yaml.safe_dump(model.model_dump(mode="json"), sort_keys=False, allow_unicode=True).rstrip())
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="asap-bench")
 def main() -> None:
@@ -86,7 +91,7 @@ def protocols_show(protocol_id: str) -> None:
 
     protocol = get_protocol(protocol_id)
     click.echo(f"# fingerprint: {protocol.fingerprint}")
-    click.echo(yaml.safe_dump(protocol.model_dump(mode="json"), sort_keys=False, allow_unicode=True).rstrip())
+    _echo_yaml(protocol)
 
 
 @protocols.command("validate")
@@ -157,7 +162,7 @@ def datasets_show(name: str) -> None:
     from .data.cards import load_card
 
     card = load_card(name)
-    click.echo(yaml.safe_dump(card.model_dump(mode="json"), sort_keys=False, allow_unicode=True).rstrip())
+    _echo_yaml(card)
     for table_name, table in card.tables.items():
         click.echo(f"# {table_name}.csv columns: {', '.join(table.columns())}")
 
@@ -303,7 +308,7 @@ def encoders_show(name: str) -> None:
     from .encoders.registry import get_card
 
     card = get_card(name)
-    click.echo(yaml.safe_dump(card.model_dump(mode="json"), sort_keys=False, allow_unicode=True).rstrip())
+    _echo_yaml(card)
 
 
 # --------------------------------------------------------------------------- demo

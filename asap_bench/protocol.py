@@ -16,7 +16,7 @@ from typing import Any, Callable, Literal
 from pydantic import Field, field_validator, model_validator
 
 from .resources import resource_dir
-from .schema import SchemaError, StrictModel, content_hash, load_model, read_yaml, parse_model
+from .schema import SchemaError, StrictModel, content_hash, parse_model, read_yaml
 
 FAMILIES = {
     "cls": "linear-probe classification on frozen global features",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from asap_bench.data.manifest import label_matrix

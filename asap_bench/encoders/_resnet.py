@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import EncoderOutput
+
 Triple = tuple[int, int, int]
 
 
@@ -180,3 +182,15 @@ class ResNetTrunk:
 def flatten_tokens(feature: torch.Tensor) -> torch.Tensor:
     """[B, C, *grid] -> [B, N, C], N = prod(grid), row-major over the grid."""
     return feature.flatten(2).transpose(1, 2)
+
+
+def stages_output(stages: list[torch.Tensor], hidden_states: bool) -> EncoderOutput:
+    """The CNN reading of the interface: global = average pool of the last stage, tokens = its
+    positions, hidden states = every stage flattened the same way."""
+    last = stages[-1]
+    return EncoderOutput(
+        global_embedding=last.mean(dim=(2, 3, 4)),
+        patch_tokens=flatten_tokens(last),
+        grid=tuple(last.shape[2:]),
+        hidden_states=[flatten_tokens(s) for s in stages] if hidden_states else None,
+    )

@@ -39,6 +39,8 @@ class Encoder(nn.Module):
 
     def __init__(self, card: EncoderCard, variant: str = "native"):
         super().__init__()
+        if card.family != self.family:
+            raise ValueError(f"card {card.name!r} is family {card.family!r}, not {self.family!r}")
         self.card = card
         self.variant = variant
         self.arch = card.architecture_for(variant)

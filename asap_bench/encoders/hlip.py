@@ -53,8 +53,6 @@ class HLIPViT(Encoder):
 
     def __init__(self, card: EncoderCard, variant: str = "native"):
         super().__init__(card, variant)
-        if card.family != self.family:
-            raise ValueError(f"card {card.name!r} is family {card.family!r}, not {self.family!r}")
         arch = self.arch
         self.img_size = tuple(int(v) for v in arch["img_size"])
         self.patch_size = tuple(int(v) for v in arch["patch_size"])

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ._resnet import ResNetTrunk, Triple, flatten_tokens
+from ._resnet import ResNetTrunk, Triple, stages_output
 from .base import Encoder, EncoderOutput
 from .card import EncoderCard
 
@@ -88,13 +88,7 @@ class I3DResNet(ResNetTrunk, Encoder):
         if self.repeat_channels > 1:
             x = x.repeat(1, self.repeat_channels, 1, 1, 1)  # torch.cat((x, x, x), dim=1) in I3ResNet
         stages = [s.permute(*_FROM_NET) for s in self.trunk_stages(x)]
-        last = stages[-1]
-        return EncoderOutput(
-            global_embedding=last.mean(dim=(2, 3, 4)),
-            patch_tokens=flatten_tokens(last),
-            grid=tuple(last.shape[2:]),
-            hidden_states=[flatten_tokens(s) for s in stages] if hidden_states else None,
-        )
+        return stages_output(stages, hidden_states)
 
     def inflate_2d_state_dict(self, state2d: Mapping[str, torch.Tensor], center: bool = True) -> dict[str, torch.Tensor]:
         """A torchvision-style 2D ResNet state dict turned into this module's state (``fc.*`` dropped).

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._resnet import BLOCKS, ResNetTrunk, Triple, flatten_tokens, triple
+from ._resnet import BLOCKS, ResNetTrunk, Triple, stages_output, triple
 from .base import Encoder, EncoderOutput
 from .card import EncoderCard
 
@@ -51,10 +51,4 @@ class ResNet3D(ResNetTrunk, Encoder):
 
     def encode(self, x: torch.Tensor, hidden_states: bool = False) -> EncoderOutput:
         stages = self.trunk_stages(x)
-        last = stages[-1]
-        return EncoderOutput(
-            global_embedding=last.mean(dim=(2, 3, 4)),
-            patch_tokens=flatten_tokens(last),
-            grid=tuple(last.shape[2:]),
-            hidden_states=[flatten_tokens(s) for s in stages] if hidden_states else None,
-        )
+        return stages_output(stages, hidden_states)

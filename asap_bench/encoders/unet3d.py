@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ._resnet import Triple, flatten_tokens, triple
+from ._resnet import Triple, stages_output, triple
 from .base import Encoder, EncoderOutput
 from .card import EncoderCard
 
@@ -104,10 +104,4 @@ class UNet3DEncoder(Encoder):
         for i, name in enumerate(self.stage_names):
             x = getattr(self, name)(x if i == 0 else self.maxpool(x))
             stages.append(x)
-        last = stages[-1]
-        return EncoderOutput(
-            global_embedding=last.mean(dim=(2, 3, 4)),
-            patch_tokens=flatten_tokens(last),
-            grid=tuple(last.shape[2:]),
-            hidden_states=[flatten_tokens(s) for s in stages] if hidden_states else None,
-        )
+        return stages_output(stages, hidden_states)
