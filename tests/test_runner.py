@@ -84,6 +84,12 @@ def test_run_records_provenance_then_resumes_without_work(env, monkeypatch):
     assert second.exit_code == 0 and "14 cached" in second.output
     assert mtimes == {p: p.stat().st_mtime_ns for p in env["out"].rglob("r*.json")}
 
+    listed = CliRunner().invoke(main, ["cache", "ls"])
+    assert listed.exit_code == 0 and listed.output.count("features ") == 3 and "inspect/volumes" in listed.output
+    cleared = CliRunner().invoke(main, ["cache", "clear", "--kind", "features"])
+    assert cleared.exit_code == 0 and "removed 3 entries" in cleared.output
+    assert not [e for e in entries(env["out"].parent / "cache") if e["kind"] == "features"]
+
 
 def test_same_seed_same_numbers_different_seeds_differ(env, tmp_path, monkeypatch):
     monkeypatch.setattr(local, "default_splits_dir", lambda root: env["splits"])
@@ -160,3 +166,15 @@ def test_sigkill_mid_run_then_rerun_leaves_one_valid_record_per_job(env, tmp_pat
     leftovers += [p for p in (tmp_path / "cache").rglob("*") if ".tmp" in p.name]
     assert not leftovers
     assert f"{done_before} cached" in finished.stdout
+
+
+def test_abandoned_extraction_is_cleaned_up(tmp_path):
+    from asap_bench.data.cache import remove_abandoned
+
+    folder = tmp_path / "features" / "abc"
+    dead = tmp_path / "features" / ".abc.tmp-99999999"
+    alive = tmp_path / "features" / f".abc.tmp-{os.getpid()}"
+    for path in (dead, alive):
+        path.mkdir(parents=True)
+    remove_abandoned(folder)
+    assert not dead.exists() and alive.exists()

@@ -144,6 +144,17 @@ def blocks(n: int, size: int) -> list[range]:
     return [range(start, min(start + size, n)) for start in range(0, n, size)]
 
 
+def remove_abandoned(folder: Path) -> None:
+    """Delete temp folders of ``folder``'s entry left by killed processes (their pid is gone)."""
+    for tmp in folder.parent.glob(f".{folder.name}.tmp-*"):
+        try:
+            os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # alive, another user's process
+            pass
+
+
 def create_feature_file(tmp: Path, n: int, dim: int) -> None:
     """The empty memory-mapped array every extracting process writes its rows into."""
     tmp.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..data.cache import (FeatureSet, VolumeCache, blocks, cache_root, create_feature_file, extract_into,
-                          feature_key, finish_features, unique_images)
+                          feature_key, finish_features, remove_abandoned, unique_images)
 from ..data.manifest import Manifest, data_fingerprint, load_manifest
 from ..data.roots import default_splits_dir
 from ..data.transforms import input_for
@@ -196,6 +196,7 @@ class Session:
             # one temp folder all ranks share (named by rank 0), or a private one in a single process
             tmp = folder.parent / f".{key}.tmp-{distributed.agree(os.getpid())}"
             if distributed.rank() == 0:
+                remove_abandoned(folder)
                 create_feature_file(tmp, len(images), module.embed_dim)
             distributed.barrier()
             started = time.perf_counter()
