@@ -178,3 +178,15 @@ def test_abandoned_extraction_is_cleaned_up(tmp_path):
         path.mkdir(parents=True)
     remove_abandoned(folder)
     assert not dead.exists() and alive.exists()
+
+
+def test_absent_private_target_is_unavailable_not_an_error(env, tmp_path, monkeypatch):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(env["root"], data, symlinks=True, ignore=shutil.ignore_patterns("ahph"))
+    monkeypatch.setattr(local, "default_splits_dir", lambda root: env["splits"])
+    result = CliRunner().invoke(main, ["run", "--encoder", "random", "--task", "ext/ct-rate-ahph", "--seeds", "1",
+                                       "--data-root", str(data), "--out", str(env["out"]), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "target unavailable: ahph (private) is not prepared" in result.output and "3 skipped" in result.output

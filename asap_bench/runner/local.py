@@ -84,6 +84,10 @@ def effective_input(protocol: Protocol, card: EncoderCard, variant: str) -> Inpu
     return spec.model_copy(update={"size": tuple(int(by_axis[a]) for a in "HWD"), "spacing": None})
 
 
+class TargetUnavailable(LookupError):
+    """An external-validation target that is private or not prepared: reported, not an error."""
+
+
 @dataclass
 class EncoderEntry:
     card: EncoderCard
@@ -153,7 +157,14 @@ class Session:
         group = Group(entry, protocol, family, manifest, spec, data_fingerprint(manifest))
         if protocol.transfer is not None:
             target = protocol.transfer.target
-            group.target = self.manifest(target.dataset, target.table)
+            try:
+                group.target = self.manifest(target.dataset, target.table)
+            except FileNotFoundError:
+                from ..data.cards import load_card
+
+                access = load_card(target.dataset).access
+                raise TargetUnavailable(f"target unavailable: {target.dataset} ({access}) is not prepared under "
+                                        f"{self.options.data_root}") from None
             group.target_fp = data_fingerprint(group.target)
         return group
 
@@ -293,6 +304,9 @@ def run_jobs(jobs: list[Job], options: RunOptions, log: logging.Logger, dry_run:
         started, t0 = now(), time.perf_counter()
         try:
             group = session.group(encoder, protocol, family)
+        except TargetUnavailable as reason:
+            outcomes += [Outcome(job, "skipped", message=str(reason)) for job in members]
+            continue
         except FileNotFoundError as missing:
             outcomes += [Outcome(job, "skipped", message=f"data not prepared: {str(missing).splitlines()[0]}")
                          for job in members]

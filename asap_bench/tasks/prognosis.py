@@ -199,7 +199,7 @@ class CoxInput:
     @classmethod
     def fit(cls, Z: np.ndarray, components: int | None) -> "CoxInput":
         n, dim = Z.shape
-        if components is not None and dim > min(components, n - 1) and n > 2:
+        if components is not None and n >= 2 and dim > min(components, n - 1):
             k = min(components, n - 1)
             pca = PCA(n_components=k, svd_solver="full").fit(Z)
             informative = int(np.sum(pca.explained_variance_ > 1e-10 * max(pca.explained_variance_[0], 1e-300)))
