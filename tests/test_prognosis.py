@@ -161,7 +161,7 @@ def horizon_labels(time: float, event: int) -> dict:
     return {c: 1 if event and time <= h else (0 if time > h else None) for c, h in HORIZONS.items()}
 
 
-def inspect_cohort(n: int = 320, dim: int = 8, seed: int = 0, signal: float = 1.2):
+def inspect_cohort(n: int = 320, dim: int = 8, seed: int = 0, signal: float = 2.0):
     rng = np.random.default_rng(seed)
     w = rng.normal(size=dim)
     w *= signal / np.linalg.norm(w)
@@ -193,7 +193,7 @@ def test_cox_beats_random_features(cohort):
     good = Prognosis().run(inputs_for(root, "inspect", protocol, table))
     bad = Prognosis().run(inputs_for(root, "inspect", protocol, random_table(table)))
     assert set(good.metrics) == set(protocol.metrics)
-    assert good.metrics["c_index"] > 0.68, good
+    assert good.metrics["c_index"] > 0.72, good
     assert 0.38 < bad.metrics["c_index"] < 0.62, bad
     assert good.metrics["c_index"] - bad.metrics["c_index"] > 0.15
     for metric in ("auc_6m", "auc_12m"):
@@ -210,7 +210,8 @@ def test_cox_beats_random_features(cohort):
         horizon = units["horizons"][metric]
         assert horizon["column"] == column and horizon["days"] == HORIZONS[column]
         known = [y is not None for y in horizon["labels"]]
-        assert sum(known) == good.sizes[f"test_{metric}"] < good.sizes["test"]  # censored cases dropped
+        assert sum(known) == good.sizes[f"test_{metric}"]
+    assert good.sizes["test_auc_12m"] < good.sizes["test"]  # cases censored before 12 months are dropped
     assert set(units["val_curve"]) == {"penalizer", "auc_1m", "auc_6m", "auc_12m"}
 
 
@@ -372,15 +373,21 @@ def test_demo_mortality_ground_truth_beats_random(demo_root):
         return Prognosis().run(TaskInputs(protocol, manifest, split, ratio, 0, features=TableFeatures(table)))
 
     good = run(dict(zip(frame.index, oracle)))
-    bad = run(random_table(frame.index, dim))
+    # the demo test set has few deaths, so one random draw can land far from 0.5: average three
+    bad = [run(random_table(frame.index, dim, seed=s)).metrics for s in (99, 100, 101)]
+
+    def chance(metric):
+        return float(np.mean([b[metric] for b in bad]))
+
     assert good.metrics["c_index"] > 0.8, good
-    assert good.metrics["c_index"] - bad.metrics["c_index"] > 0.2, (good.metrics, bad.metrics)
+    assert 0.3 < chance("c_index") < 0.7, bad
+    assert good.metrics["c_index"] - chance("c_index") > 0.2, (good.metrics, bad)
     for metric, column in protocol.head.params["logistic"]["horizons"].items():
         test = frame.loc[split.test, column].astype(float).dropna()
         if test.nunique() < 2:  # too few deaths in the small demo test set: a gap with a reason
             assert good.metrics[metric] is None and "only class" in good.notes[metric]
         else:
-            assert good.metrics[metric] > bad.metrics[metric]
+            assert good.metrics[metric] - chance(metric) > 0.1, (good.metrics, bad)
 
     smallest = run(dict(zip(frame.index, oracle)), ratio=min(protocol.regimes))  # one training case
     assert smallest.metrics["c_index"] is None and smallest.notes["c_index"]

@@ -42,14 +42,14 @@ def undefined(reason: str, **extra) -> Metric:
     return Metric(NAN, reason, **extra)
 
 
-def _vector(values, name: str) -> np.ndarray:
+def as_vector(values, name: str) -> np.ndarray:
     array = np.asarray(values, dtype=float)
     if array.ndim != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {array.shape}")
     return array
 
 
-def _same_length(*arrays: np.ndarray) -> None:
+def same_length(*arrays: np.ndarray) -> None:
     lengths = {len(a) for a in arrays}
     if len(lengths) > 1:
         raise ValueError(f"inputs have different numbers of cases: {sorted(lengths)}")
@@ -79,8 +79,8 @@ def _one_class(y: np.ndarray) -> str:
 
 def binary_auc(y_true, y_score) -> Metric:
     """ROC AUC of one binary label; NaN when the labels hold one class only."""
-    y, s = _vector(y_true, "y_true"), _vector(y_score, "y_score")
-    _same_length(y, s)
+    y, s = as_vector(y_true, "y_true"), as_vector(y_score, "y_score")
+    same_length(y, s)
     problem = _class_problem(y, {0, 1}) or _one_class(y)
     if not problem and np.isnan(s).any():
         problem = f"{int(np.isnan(s).sum())} case(s) have no score"
@@ -125,10 +125,10 @@ def multiclass_auc(y_true, y_score, classes: Sequence[str] | None = None) -> Met
 
     With every class present this is scikit-learn's ``roc_auc_score(multi_class="ovr")``.
     """
-    y, P = _vector(y_true, "y_true"), np.asarray(y_score, dtype=float)
+    y, P = as_vector(y_true, "y_true"), np.asarray(y_score, dtype=float)
     if P.ndim != 2:
         raise ValueError(f"y_score must be [cases, classes], got shape {P.shape}")
-    _same_length(y, P)
+    same_length(y, P)
     k = P.shape[1]
     classes = list(classes) if classes is not None else [str(c) for c in range(k)]
     problem = _class_problem(y, set(range(k)))
@@ -150,8 +150,8 @@ def multiclass_auc(y_true, y_score, classes: Sequence[str] | None = None) -> Met
 # ---------------------------------------------------------------------------
 
 def _decision_pair(y_true, y_pred) -> tuple[np.ndarray, np.ndarray, str]:
-    y, p = _vector(y_true, "y_true"), _vector(y_pred, "y_pred")
-    _same_length(y, p)
+    y, p = as_vector(y_true, "y_true"), as_vector(y_pred, "y_pred")
+    same_length(y, p)
     problem = _class_problem(y)
     if not problem and np.isnan(p).any():
         problem = f"{int(np.isnan(p).sum())} case(s) have no prediction"

@@ -25,11 +25,11 @@ from typing import Mapping, Sequence
 import numpy as np
 from lifelines.utils import concordance_index
 
-from .classification import Metric, binary_auc, undefined, _same_length, _vector
+from .classification import Metric, binary_auc, as_vector, same_length, undefined
 
 def _survival_pair(time, event) -> tuple[np.ndarray, np.ndarray]:
-    t, e = _vector(time, "time"), _vector(event, "event")
-    _same_length(t, e)
+    t, e = as_vector(time, "time"), as_vector(event, "event")
+    same_length(t, e)
     if (t[~np.isnan(t)] < 0).any():
         raise ValueError("survival times must be non-negative")
     known = e[~np.isnan(e)]
@@ -41,8 +41,8 @@ def _survival_pair(time, event) -> tuple[np.ndarray, np.ndarray]:
 def c_index(time, risk, event) -> Metric:
     """Harrell's C-index of ``risk`` (higher = shorter survival); NaN with a reason when undefined."""
     t, e = _survival_pair(time, event)
-    r = _vector(risk, "risk")
-    _same_length(t, r)
+    r = as_vector(risk, "risk")
+    same_length(t, r)
     if t.size == 0:
         return undefined("no cases")
     missing = np.isnan(t) | np.isnan(e)
@@ -62,8 +62,8 @@ def c_index(time, risk, event) -> Metric:
 
 def horizon_auc(labels, scores, horizon: str = "the horizon") -> Metric:
     """ROC AUC at one horizon; cases whose label is missing (censored before it) are excluded."""
-    y, s = _vector(labels, "labels"), _vector(scores, "scores")
-    _same_length(y, s)
+    y, s = as_vector(labels, "labels"), as_vector(scores, "scores")
+    same_length(y, s)
     known = ~np.isnan(y)
     if y.size and not known.any():
         return undefined(f"all {y.size} case(s) are censored before {horizon}")

@@ -72,6 +72,7 @@ class TaskFamily(ABC):
 # family -> implementation; a protocol whose family is missing here is reported as skipped
 FAMILIES: dict[str, str] = {
     "cls": "asap_bench.tasks.linear_probe:LinearProbe",
+    "prog": "asap_bench.tasks.prognosis:Prognosis",
 }
 
 

@@ -91,7 +91,7 @@ class ProbeParams:
 # data
 # ---------------------------------------------------------------------------
 
-def _features(lookup: FeatureLookup, ids: list[str], what: str) -> np.ndarray:
+def feature_matrix(lookup: FeatureLookup, ids: list[str], what: str) -> np.ndarray:
     X = np.asarray(lookup.global_features(list(ids)), dtype=np.float64)
     if X.ndim != 2 or len(X) != len(ids):
         raise ValueError(f"{what}: expected [{len(ids)}, D] global features, got shape {X.shape}")
@@ -262,8 +262,8 @@ class LinearProbe(TaskFamily):
         train_ids, val_ids, test_ids = list(inputs.train), list(split.val), list(split.test)
         if not train_ids:
             raise ValueError(f"{protocol.id}: the regime {inputs.ratio} subset of train is empty")
-        X_train = _features(inputs.features, train_ids, "train")
-        X_val = _features(inputs.features, val_ids, "val") if val_ids else np.empty((0, X_train.shape[1]))
+        X_train = feature_matrix(inputs.features, train_ids, "train")
+        X_val = feature_matrix(inputs.features, val_ids, "val") if val_ids else np.empty((0, X_train.shape[1]))
         Y_train = _labels(inputs.manifest, target_name, train_ids)
         Y_val = _labels(inputs.manifest, target_name, val_ids)
 
@@ -305,7 +305,7 @@ class LinearProbe(TaskFamily):
         def score_cases(manifest: Manifest, label_set: str, columns: list[str] | None, lookup: FeatureLookup,
                         ids: list[str], metrics: list[str], what: str) -> tuple[dict[str, Metric], dict[str, Any]]:
             if ids:
-                S = probe.scores(scaler.transform(_features(lookup, ids, what)))
+                S = probe.scores(scaler.transform(feature_matrix(lookup, ids, what)))
             else:
                 S = np.empty((0, spec.n_outputs))
             frame = label_matrix(manifest, label_set)

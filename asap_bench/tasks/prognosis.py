@@ -50,7 +50,7 @@ from ..metrics.classification import Metric
 from ..metrics.survival import c_index, horizon_auc, score_survival
 from ..protocol import Protocol
 from .base import TaskFamily, TaskInputs, TaskResult
-from .linear_probe import DEFAULT_C_GRID, LinearProbe, ProbeParams, _features, fit_path
+from .linear_probe import DEFAULT_C_GRID, LinearProbe, ProbeParams, feature_matrix, fit_path
 
 HEAD_KIND = "cox_and_logistic"
 TOP_PARAMS = {"standardize", "cox", "logistic"}
@@ -292,11 +292,11 @@ class Prognosis(TaskFamily):
         train_ids, val_ids, test_ids = list(inputs.train), list(split.val), list(split.test)
         if not train_ids:
             raise ValueError(f"{protocol.id}: the regime {inputs.ratio} subset of train is empty")
-        X_train = _features(inputs.features, train_ids, "train")
+        X_train = feature_matrix(inputs.features, train_ids, "train")
         dim = X_train.shape[1]
 
         def features(ids: list[str], what: str) -> np.ndarray:
-            return _features(inputs.features, ids, what) if ids else np.empty((0, dim))
+            return feature_matrix(inputs.features, ids, what) if ids else np.empty((0, dim))
 
         scaler = StandardScaler(with_mean=params.standardize, with_std=params.standardize).fit(X_train)
         Z = {"train": scaler.transform(X_train), "val": scaler.transform(features(val_ids, "val")),
