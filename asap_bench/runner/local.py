@@ -122,13 +122,18 @@ class Session:
         self._manifests: dict[tuple[str, str], Manifest] = {}
         self._encoders: dict[tuple[str, tuple], EncoderEntry] = {}
         self._ckpt_sha: dict[Path, str] = {}
-        self.volume_caches: list[VolumeCache] = []
+        self._data_fp: dict[Path, str] = {}
 
     # ---- cheap preparation
     def manifest(self, dataset: str, table: str) -> Manifest:
         if (dataset, table) not in self._manifests:
             self._manifests[(dataset, table)] = load_manifest(self.options.data_root, dataset, table)
         return self._manifests[(dataset, table)]
+
+    def data_fingerprint(self, manifest: Manifest) -> str:
+        if manifest.path not in self._data_fp:
+            self._data_fp[manifest.path] = data_fingerprint(manifest)
+        return self._data_fp[manifest.path]
 
     def encoder_entry(self, name: str, spec: InputSpec) -> EncoderEntry:
         """Card (sized for ``spec``), checkpoint and fingerprint; the module is built only when needed."""
@@ -140,7 +145,7 @@ class Session:
             card = base
             if self.options.variant != "native" or tuple(arch.get("img_size", size)) != size:
                 overrides = {**arch, "img_size": list(size)} if "img_size" in arch else arch
-                card = base.model_copy(update={"architecture": overrides, "input": spec})
+                card = base.model_copy(update={"architecture": overrides})
             path = sha = None
             if base.checkpoint.availability != "none" or self.options.checkpoint is not None:
                 path = resolve_checkpoint(base, self.options.checkpoint)
@@ -154,7 +159,7 @@ class Session:
         manifest = self.manifest(protocol.data.dataset, protocol.data.table)
         spec = effective_input(protocol, get_card(encoder), self.options.variant)
         entry = self.encoder_entry(encoder, spec)
-        group = Group(entry, protocol, family, manifest, spec, data_fingerprint(manifest))
+        group = Group(entry, protocol, family, manifest, spec, self.data_fingerprint(manifest))
         if protocol.transfer is not None:
             target = protocol.transfer.target
             try:
@@ -165,7 +170,7 @@ class Session:
                 access = load_card(target.dataset).access
                 raise TargetUnavailable(f"target unavailable: {target.dataset} ({access}) is not prepared under "
                                         f"{self.options.data_root}") from None
-            group.target_fp = data_fingerprint(group.target)
+            group.target_fp = self.data_fingerprint(group.target)
         return group
 
     def split(self, group: Group, seed: int) -> Split:
@@ -195,7 +200,6 @@ class Session:
         if not distributed.agree((folder / "meta.json").is_file()):
             module = self.module(group.encoder)
             volumes = VolumeCache(manifest, group.spec, root)
-            self.volume_caches.append(volumes)
 
             def encode(batch: np.ndarray) -> np.ndarray:
                 return frozen_forward(module, torch.from_numpy(batch)).global_embedding.cpu().numpy()
