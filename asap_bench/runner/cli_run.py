@@ -71,7 +71,9 @@ def execute(encoders: list[str], tasks: tuple[str, ...], seeds: list[int] | None
     root = resolve_data_root(data_root)
     synthetic = is_demo_root(root)
     out = out or default_out(root, synthetic)
-    options = RunOptions(data_root=root, out=out, device=device, variant=variant or ("demo" if synthetic else "native"),
+    # reduced encoders on the demo cohort, unless real weights are given
+    variant = variant or ("demo" if synthetic and checkpoint is None else "native")
+    options = RunOptions(data_root=root, out=out, device=device, variant=variant,
                          checkpoint=checkpoint, force=force, batch_size=batch_size, interpolate_pos=interpolate_pos,
                          progress=not quiet)
     jobs = expand(encoders, select_protocols(tasks), seeds, ratios)

@@ -29,7 +29,7 @@ from ..data.roots import default_splits_dir
 from ..data.transforms import input_for
 from ..encoders.base import Encoder, encoder_fingerprint, frozen_forward
 from ..encoders.card import EncoderCard, InputSpec
-from ..encoders.checkpoints import DEFAULT_MIN_FRACTION, resolve_checkpoint
+from ..encoders.checkpoints import DEFAULT_MIN_FRACTION, CheckpointError, resolve_checkpoint
 from ..encoders.registry import family_class, get_card
 from ..data.manifest import file_sha256
 from ..protocol import Protocol
@@ -187,8 +187,14 @@ class Session:
             if entry.checkpoint is not None:
                 from ..encoders.checkpoints import load_weights
 
-                report = load_weights(module, entry.checkpoint, min_fraction=self.options.min_fraction,
-                                      adapt=self.options.interpolate_pos, sha256=entry.checkpoint_sha256)
+                try:
+                    report = load_weights(module, entry.checkpoint, min_fraction=self.options.min_fraction,
+                                          adapt=self.options.interpolate_pos, sha256=entry.checkpoint_sha256)
+                except CheckpointError as error:
+                    if self.options.variant == "native":
+                        raise
+                    raise CheckpointError(f"{error}\n(the '{self.options.variant}' variant is a reduced architecture "
+                                          "for CPU tests; published weights need --variant native)") from None
                 self.log.info("loaded %s", report.summary())
             entry.module = module.to(self.options.device).eval()
         return entry.module
