@@ -249,6 +249,32 @@ def _forward_args(ctx: click.Context, drop: set[str]) -> list[str]:
     return args
 
 
+# --------------------------------------------------------------------------- report
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["latex", "markdown", "md", "csv", "json", "html"]),
+              default="latex", show_default=True)
+@click.option("--source", type=click.Choice(["runs", "paper", "both"]), default="runs", show_default=True,
+              help="Measured records, the numbers quoted from the ASAP paper, or both side by side (labelled).")
+@click.option("--records", "records_dirs", multiple=True, type=click.Path(path_type=Path),
+              help="Record folders (default: results/runs).")
+@click.option("--metric", help="Metrics, comma-separated, or 'all' (default: the paper's / primary).")
+@click.option("--family", help="Families, e.g. cls,seg.")
+@click.option("--regime", help="Regimes, e.g. 0.01,1 or 1%,100%.")
+@click.option("--encoders", help="Encoders, comma-separated.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output file (default: stdout; html: results/report/).")
+@click.option("--figures", type=click.Path(path_type=Path), help="Also write figures (PNG + PDF) into this folder.")
+@click.option("--alpha", type=float, default=0.05, show_default=True)
+@click.option("--no-significance", is_flag=True, help="Skip the paired tests.")
+@friendly
+def report(fmt, source, records_dirs, metric, family, regime, encoders, out, figures, alpha, no_significance) -> None:
+    """Paper-style tables (LaTeX, markdown, csv, json), the html leaderboard page, figures."""
+    from .report.cli_report import report_command
+
+    report_command(records_dirs, source, fmt, metric, family, regime, encoders, out, significance=not no_significance,
+                   alpha=alpha, figures=figures)
+
+
 # --------------------------------------------------------------------------- cache
 
 @main.group()
