@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 import asap_bench
-from asap_bench.resources import FOLDERS, resource_dir
+from asap_bench.resources import CHECKOUT_PATHS, FOLDERS, resource_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_resource_folders_resolve():
     for name in FOLDERS:
-        assert any(resource_dir(name).rglob("*.yaml")), name
+        assert any(resource_dir(name).rglob("*.yaml")) or any(resource_dir(name).glob("*.json")), name
 
 
 @pytest.mark.skipif(not (REPO / "pyproject.toml").exists(), reason="needs the source tree")
@@ -30,9 +30,11 @@ def test_wheel_carries_every_yaml(tmp_path):
     wheel = next(tmp_path.glob("asap_bench-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for folder in FOLDERS:
-        shipped = {p.relative_to(REPO).as_posix() for p in (REPO / folder).rglob("*.yaml")}
+        source = REPO / CHECKOUT_PATHS[folder]
+        shipped = {p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file()}
         assert shipped, folder
-        packed = {n.removeprefix("asap_bench/_resources/") for n in names if n.startswith(f"asap_bench/_resources/{folder}/")}
+        prefix = f"asap_bench/_resources/{folder}/"
+        packed = {n.removeprefix(prefix) for n in names if n.startswith(prefix)}
         assert packed == shipped, folder
     assert any(n.endswith("entry_points.txt") for n in names)
 

@@ -125,9 +125,10 @@ def test_paper_frame_is_an_aggregated_frame_in_percent():
     assert set(only["table"]) == {"VI"} and len(only) == 72
 
 
-def test_missing_folder_says_results_are_not_packaged(tmp_path, monkeypatch):
+def test_missing_folder_is_named(tmp_path, monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
-    with pytest.raises(FileNotFoundError, match="not packaged"):
+    assert (paper_dir() / "table-ii.json").is_file()  # shipped with the package
+    with pytest.raises(FileNotFoundError, match="absent"):
         paper_dir(tmp_path / "absent")
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "absent"))
     with pytest.raises(FileNotFoundError, match=ENV_VAR):

@@ -6,9 +6,9 @@ prints them. They are reference values, not measurements: no per-case outputs,
 no provenance beyond the table they come from, and the paper's significance
 daggers are copied, not recomputed.
 
-``results/`` is not package data (it also holds users' run records), so a wheel
-does not carry these files: they are found in a source checkout, or wherever
-``ASAP_BENCH_PAPER_RESULTS`` or an explicit ``root`` points.
+A wheel carries them as package data (``results/`` itself is not packaged: it also
+holds users' run records); ``ASAP_BENCH_PAPER_RESULTS`` or an explicit ``root``
+points elsewhere.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from ..schema import SchemaError, StrictModel
 PAPER = "ASAP, arXiv:2606.00602"
 TABLES = ("II", "III", "IV", "V", "VI", "VII")
 ENV_VAR = "ASAP_BENCH_PAPER_RESULTS"
-_REPO_DIR = Path(__file__).resolve().parents[2] / "results" / "paper"
 
 TableId = Literal["II", "III", "IV", "V", "VI", "VII"]
 
@@ -73,13 +72,15 @@ class PaperTable(StrictModel):
 
 
 def paper_dir(root: Path | str | None = None) -> Path:
-    """The folder of the quoted tables: ``root``, ``$ASAP_BENCH_PAPER_RESULTS``, or the checkout's."""
-    candidate = Path(root) if root is not None else Path(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else _REPO_DIR
+    """The folder of the quoted tables: ``root``, ``$ASAP_BENCH_PAPER_RESULTS``, or the shipped one."""
+    if root is None and not os.environ.get(ENV_VAR):
+        from ..resources import resource_dir
+
+        return resource_dir("paper")
+    candidate = Path(root) if root is not None else Path(os.environ[ENV_VAR])
     if not candidate.is_dir():
-        raise FileNotFoundError(
-            f"the paper's reference numbers were not found at {candidate}: results/paper/ is not packaged, "
-            f"it is part of a source checkout of asap-bench; run from a checkout or set {ENV_VAR} to that folder"
-        )
+        raise FileNotFoundError(f"the paper's reference numbers were not found at {candidate} "
+                                f"({'root' if root is not None else ENV_VAR})")
     return candidate
 
 
