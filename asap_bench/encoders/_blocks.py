@@ -124,3 +124,10 @@ def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
 
 def grid_tokens(grid: Sequence[int]) -> int:
     return math.prod(int(g) for g in grid)
+
+
+def patch_geometry(arch: dict) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(img_size, patch_size, token grid) of a ViT architecture, in the card's axis order."""
+    img = tuple(int(v) for v in arch["img_size"])
+    patch = tuple(int(v) for v in arch["patch_size"])
+    return img, patch, tuple(i // p for i, p in zip(img, patch))

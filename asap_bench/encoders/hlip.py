@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._blocks import init_timm_, make_blocks, resample_grid, set_fused_attention, sincos_1d
+from ._blocks import init_timm_, make_blocks, patch_geometry, resample_grid, set_fused_attention, sincos_1d
 from .base import Encoder, EncoderOutput
 from .card import EncoderCard
 
@@ -54,9 +54,7 @@ class HLIPViT(Encoder):
     def __init__(self, card: EncoderCard, variant: str = "native"):
         super().__init__(card, variant)
         arch = self.arch
-        self.img_size = tuple(int(v) for v in arch["img_size"])
-        self.patch_size = tuple(int(v) for v in arch["patch_size"])
-        self.grid = tuple(i // p for i, p in zip(self.img_size, self.patch_size))
+        self.img_size, self.patch_size, self.grid = patch_geometry(arch)
         dim, depth = self.embed_dim, int(arch["depth"])
         self.slice_blocks = frozenset(int(i) for i in arch.get("slice_attn_indexes", ()))
         scan_blocks = frozenset(int(i) for i in arch.get("scan_attn_indexes", ()))

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._blocks import grid_tokens, init_timm_, make_blocks, resample_grid, set_fused_attention
+from ._blocks import grid_tokens, init_timm_, make_blocks, patch_geometry, resample_grid, set_fused_attention
 from .base import Encoder, EncoderOutput
 from .card import EncoderCard
 
@@ -77,9 +77,7 @@ class ViT3D(Encoder):
     def __init__(self, card: EncoderCard, variant: str = "native"):
         super().__init__(card, variant)
         arch = self.arch
-        self.img_size = tuple(int(v) for v in arch["img_size"])
-        self.patch_size = tuple(int(v) for v in arch["patch_size"])
-        self.grid = tuple(i // p for i, p in zip(self.img_size, self.patch_size))
+        self.img_size, self.patch_size, self.grid = patch_geometry(arch)
         dim = self.embed_dim
         self.eps = float(arch.get("norm_eps", 1e-6))
         self.num_prefix_tokens = 1 if arch.get("cls_token", True) else 0

@@ -30,9 +30,12 @@ from typing import Any
 
 import pandas as pd
 
+from ..stats import LOWER_IS_BETTER
+from .tables import metric_label, regime_label
+
+REQUIRED = ("encoder", "protocol", "regime", "metric", "mean", "std", "source")
 DEFAULT_TITLE = "asap-bench leaderboard"
 PAPER = "ASAP, arXiv:2606.00602"
-LOWER_IS_BETTER = frozenset({"hd95", "hd", "asd", "assd", "masd"})  # millimetres
 GROUP_ORDER = ("random", "ssl", "vlp", "other")
 UNKNOWN_GROUP = "unknown"
 FAMILY_ORDER = ("cls", "seg", "prog", "rg", "voc", "ret", "vqa", "ext")
@@ -47,25 +50,6 @@ SOURCE_LABELS = {
     "run": "measured",
     "runs": "measured",
 }
-_METRIC_LABELS = {
-    "auc": "AUC", "acc": "ACC", "balanced_acc": "BAcc", "f1_macro": "F1", "accuracy": "Acc",
-    "dice": "Dice", "hd95": "HD95", "nsd": "NSD", "c_index": "C-Index",
-    "auc_1m": "AUC 1M", "auc_6m": "AUC 6M", "auc_12m": "AUC 12M",
-    "bleu1": "BL-1", "bleu2": "BL-2", "bleu3": "BL-3", "bleu4": "BL-4", "rouge_l": "ROUGE-L",
-    "bertscore_f1": "BERTScore",
-}
-REQUIRED = ("encoder", "protocol", "regime", "metric", "mean", "std", "source")
-
-
-def metric_label(metric: str) -> str:
-    if metric in _METRIC_LABELS:
-        return _METRIC_LABELS[metric]
-    found = re.fullmatch(r"recall@(\d+)_(v2r|r2v)", metric)
-    return f"R@{found.group(1)} {found.group(2).upper()}" if found else metric
-
-
-def regime_label(regime: float) -> str:
-    return f"{round(float(regime) * 100, 6):g} %"
 
 
 def source_label(source: str) -> str:

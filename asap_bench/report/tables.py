@@ -34,10 +34,11 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
+from ..stats import LOWER_IS_BETTER  # surface distances, in mm
+
 PAPER = "ASAP, arXiv:2606.00602"
 ALPHA = 0.05
 FORMATS = ("latex", "markdown", "csv", "json")
-LOWER_IS_BETTER = frozenset({"hd95", "hd", "asd", "assd", "masd"})  # surface distances (as in stats.py)
 NOT_PERCENT = LOWER_IS_BETTER  # printed in mm; every other metric in %
 GROUP_ORDER = ("random", "ssl", "vlp", "other")
 GROUP_TITLES = {"random": "Random init", "ssl": "3D Med-SSL", "vlp": "3D Med-VLP", "other": "Other"}
