@@ -685,3 +685,22 @@ def test_make_figures_skips_the_radar_without_vqa_rows(tmp_path):
     assert table.loc[("cls", "asap"), "mean"] == pytest.approx(78.1)  # only the shared 10 % setting
     assert table.loc[("seg", "asap"), "mean"] == pytest.approx(56.6)
     assert table["common"].all()
+
+
+def test_critical_difference_diagram_for_three_or_more_encoders(tmp_path):
+    import pandas as pd
+
+    from asap_bench.report.plots import make_figures
+
+    rows = []
+    for i, encoder in enumerate(["random", "mae", "asap"]):
+        for j, protocol in enumerate(["cls/ct-rate", "cls/stoic", "cls/luna16", "cls/rad-chestct"]):
+            rows.append({"encoder": encoder, "protocol": protocol, "regime": 1.0, "metric": "auc",
+                         "mean": 0.6 + 0.1 * i + 0.01 * j, "std": 0.01, "n_seeds": 5, "source": "runs"})
+    notes: list[str] = []
+    written = make_figures(pd.DataFrame(rows), tmp_path, notes=notes)
+    cd = [p for p in written if p.stem.startswith("critical_difference")]
+    assert {p.suffix for p in cd} == {".png", ".pdf"} and all(p.stat().st_size > 0 for p in cd)
+    two = make_figures(pd.DataFrame([r for r in rows if r["encoder"] != "asap"]), tmp_path / "two", notes=notes)
+    assert not [p for p in two if p.stem.startswith("critical_difference")]
+    assert any("at least 3 encoders" in n for n in notes)

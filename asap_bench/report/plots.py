@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..stats import critical_difference
+
 from .html import (FAMILY_ORDER, FAMILY_TITLES, LOWER_IS_BETTER, card_info, choose_metrics, display_value,
                    metric_label, regime_label, source_label, task_label, where)
 
@@ -217,6 +219,37 @@ def radar_figure(frame: pd.DataFrame, styles: dict[str, dict], source: str):
     return fig
 
 
+def cd_figure(result, source: str):
+    """Critical-difference diagram: mean ranks on an axis, the Nemenyi CD as a bar, and a line
+    joining each group of encoders whose ranks differ by less than the CD (not significantly)."""
+    from matplotlib.figure import Figure
+
+    ranks = result.mean_ranks
+    k = len(ranks)
+    fig = Figure(figsize=(7.0, 1.6 + 0.28 * k), layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_xlim(k + 0.5, 0.5)  # best (rank 1) on the right, as CD diagrams are drawn
+    ax.set_ylim(-(k + 1), 2.2)
+    ax.axhline(0, color="black", linewidth=1)
+    for r in range(1, k + 1):
+        ax.plot([r, r], [0, 0.15], color="black", linewidth=1)
+        ax.text(r, 0.3, str(r), ha="center", va="bottom", fontsize=8)
+    ax.plot([k + 0.3 - result.cd, k + 0.3], [1.5, 1.5], color="black", linewidth=2)
+    ax.text(k + 0.3 - result.cd / 2, 1.65, f"CD = {result.cd:.2f}", ha="center", va="bottom", fontsize=8)
+    for i, (encoder, rank) in enumerate(ranks.items()):
+        y = -(i + 1)
+        label = card_info(encoder)["label"]
+        ax.plot([rank, rank], [0, y], color="grey", linewidth=0.8)
+        ax.text(rank, y - 0.15, f"{label} ({rank:.2f})", ha="center", va="top", fontsize=8)
+    for j, clique in enumerate(c for c in result.cliques if len(c) > 1):
+        lo, hi = min(ranks[list(clique)]), max(ranks[list(clique)])
+        ax.plot([lo, hi], [-0.35 - 0.25 * j] * 2, color="tab:red", linewidth=3, solid_capstyle="round")
+    ax.set_axis_off()
+    ax.set_title(f"Mean rank over {result.n} settings, Friedman p = {result.p:.3g}, Nemenyi alpha = {result.alpha:g}: "
+                 f"{source_label(source)}", fontsize=9)
+    return fig
+
+
 def make_figures(aggregated: pd.DataFrame, out_dir: Path, *, notes: list[str] | None = None) -> list[Path]:
     """Write every figure the frame supports to ``out_dir`` (PNG and PDF each); return the paths.
 
@@ -243,4 +276,11 @@ def make_figures(aggregated: pd.DataFrame, out_dir: Path, *, notes: list[str] | 
             log.info(notes[-1])
         else:
             written += _save(radar, out_dir, f"vqa_radar_{stem}")
+        try:
+            result = critical_difference(rows[["encoder", "protocol", "regime", "metric", "mean", "source"]])
+        except ValueError as reason:  # fewer than 3 encoders or 2 complete settings
+            notes.append(f"{source_label(source)}: no critical-difference diagram ({reason})")
+            log.info(notes[-1])
+        else:
+            written += _save(cd_figure(result, source), out_dir, f"critical_difference_{stem}")
     return written
