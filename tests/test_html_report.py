@@ -675,7 +675,8 @@ def test_make_figures_skips_the_radar_without_vqa_rows(tmp_path):
     run = small_frame()
     run = run[run["source"] == "run"]
     paths = make_figures(run, tmp_path, notes=notes)
-    assert sorted(p.name for p in paths) == ["families_run.pdf", "families_run.png", "ratio_run.pdf", "ratio_run.png"]
+    assert sorted(p.name for p in paths) == ["critical_difference_run.pdf", "critical_difference_run.png",
+                                             "families_run.pdf", "families_run.png", "ratio_run.pdf", "ratio_run.png"]
     _check_files(paths)
     assert notes == ["measured: no VQA results, so no VQA radar"]
     # family averages use the settings every encoder has (home-brew lacks 100 %), distances left out
