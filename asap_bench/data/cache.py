@@ -67,7 +67,6 @@ class VolumeCache:
                                  "input": spec.model_dump(mode="json")})
         self.folder = (root or cache_root()) / "volumes" / self.key
         self.transform = build_preprocessing(spec)
-        self.made = 0  # volumes preprocessed by this process (the rest came from the cache)
 
     def path(self, image: str) -> Path:
         return self.folder / f"{content_hash(image)[:32]}.npy"
@@ -90,7 +89,6 @@ class VolumeCache:
             if not np.isfinite(array).all():
                 raise VolumeError(f"{source}: preprocessing produced non-finite values")
             _write_npy_atomic(path, array.astype(np.float16))
-            self.made += 1
         return np.load(path).astype(np.float32)
 
 
