@@ -43,3 +43,52 @@ class Slow(MeanDifference):
     def run(self, inputs: TaskInputs) -> TaskResult:
         time.sleep(float(os.environ.get("ASAP_TEST_JOB_SECONDS", "0.5")))
         return super().run(inputs)
+
+
+class TokenMean(MeanDifference):
+    """The same score on the mean of pooled patch tokens; checks the token shape it was promised."""
+
+    name = "rg"
+    needs = "tokens"
+
+    def token_grid(self, protocol):
+        return (2, 2, 2)
+
+    def run(self, inputs: TaskInputs) -> TaskResult:
+        ids = inputs.split.test
+        tokens = inputs.features.tokens(ids)
+        width = inputs.features.global_features(ids[:1]).shape[1]
+        assert tokens.shape == (len(ids), 8, width), tokens.shape
+        return TaskResult({"bleu4": float(abs(tokens).mean())}, sizes={"test": len(ids)},
+                          provenance={"text_model": "tiny", "text_model_sha256": "0" * 64})
+
+
+class FineTune(TaskFamily):
+    """Builds the encoder, 'trains' in resumable steps kept in the work folder, scores its weights.
+
+    ``ASAP_TEST_STOP_AT`` makes the first attempt die at that step, so a rerun must resume.
+    """
+
+    name = "seg"
+    needs = "volumes"
+
+    def run(self, inputs: TaskInputs) -> TaskResult:
+        import json
+
+        import torch
+
+        first, second = inputs.encoder.build(), inputs.encoder.build()
+        assert first.training and all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
+        state = inputs.work_dir / "state.json"
+        inputs.work_dir.mkdir(parents=True, exist_ok=True)
+        done = json.loads(state.read_text()) if state.is_file() else {"step": 0, "starts": []}
+        done["starts"].append(done["step"])
+        for step in range(done["step"], 10):
+            if os.environ.get("ASAP_TEST_STOP_AT") == str(step) and len(done["starts"]) == 1:
+                raise RuntimeError(f"killed at step {step}")
+            done["step"] = step + 1
+            state.write_text(json.dumps(done))
+        weight = float(next(first.parameters()).detach().abs().sum())
+        return TaskResult({"dice": 0.5}, notes={"starts": ",".join(map(str, done["starts"]))},
+                          selected={"weight_sum": weight, "input_size": list(inputs.spec.size)},
+                          sizes={"train": len(inputs.train)})

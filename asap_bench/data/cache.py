@@ -18,13 +18,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 
 from ..encoders.card import InputSpec
 from ..schema import content_hash
 from .manifest import Manifest
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 1
 
@@ -98,14 +101,41 @@ class VolumeError(RuntimeError):
 
 # --------------------------------------------------------------------------- features
 
-def feature_key(encoder_fingerprint: str, spec: InputSpec, manifest: Manifest) -> str:
-    return content_hash({"kind": "features", "format": FORMAT_VERSION, "encoder": encoder_fingerprint,
-                         "input": spec.model_dump(mode="json"), "manifest_sha256": manifest.sha256})
+TOKENS_FULL = "full"  # keep every patch token, unpooled
+
+
+def feature_key(encoder_fingerprint: str, spec: InputSpec, manifest: Manifest,
+                tokens: tuple[int, int, int] | str | None = None) -> str:
+    """``tokens``: also store patch tokens, pooled to this grid (or ``TOKENS_FULL``); None: global only."""
+    what = {"kind": "features", "format": FORMAT_VERSION, "encoder": encoder_fingerprint,
+            "input": spec.model_dump(mode="json"), "manifest_sha256": manifest.sha256}
+    if tokens is not None:
+        what["tokens"] = tokens if isinstance(tokens, str) else [int(g) for g in tokens]
+    return content_hash(what)
+
+
+def pool_tokens(tokens: torch.Tensor, grid: tuple[int, int, int], target: tuple[int, int, int] | str) -> torch.Tensor:
+    """Patch tokens [B, N, D] on ``grid`` -> [B, T, D], adaptive-average-pooled to ``target``.
+
+    Each axis is pooled to at most its own length, so a small encoder grid (a demo
+    ViT's 4x4x4) is kept as it is rather than upsampled.
+    """
+    import torch.nn.functional as F
+
+    if target == TOKENS_FULL:
+        return tokens
+    out = tuple(min(int(t), int(g)) for t, g in zip(target, grid))
+    if out == tuple(grid):
+        return tokens
+    b, n, d = tokens.shape
+    volume = tokens.transpose(1, 2).reshape(b, d, *grid)
+    return F.adaptive_avg_pool3d(volume, out).flatten(2).transpose(1, 2)
 
 
 @dataclass
 class FeatureSet:
-    """Frozen global features of one manifest, memory-mapped, looked up by case id."""
+    """Frozen features of one manifest, memory-mapped, looked up by case id: the global
+    embedding always, patch tokens [T, D] when the entry was extracted with them."""
 
     folder: Path
     images: list[str]
@@ -113,6 +143,7 @@ class FeatureSet:
     case_image: dict[str, str]  # case id -> image
     array: np.ndarray  # memmap [n_images, D]
     meta: dict[str, Any]
+    token_array: np.ndarray | None = None  # memmap [n_images, T, D_tok], float16
 
     @classmethod
     def open(cls, folder: Path, manifest: Manifest) -> "FeatureSet":
@@ -121,7 +152,8 @@ class FeatureSet:
         array = np.load(folder / "global.npy", mmap_mode="r")
         meta = json.loads((folder / "meta.json").read_text())
         case_image = dict(zip(manifest.frame["case_id"], manifest.frame["image"]))
-        return cls(folder, images, {im: i for i, im in enumerate(images)}, case_image, array, meta)
+        tokens = np.load(folder / "tokens.npy", mmap_mode="r") if (folder / "tokens.npy").is_file() else None
+        return cls(folder, images, {im: i for i, im in enumerate(images)}, case_image, array, meta, tokens)
 
     @property
     def key(self) -> str:
@@ -130,6 +162,12 @@ class FeatureSet:
     def global_features(self, case_ids: list[str]) -> np.ndarray:
         rows = [self.rows[self.case_image[c]] for c in case_ids]
         return np.asarray(self.array[rows], dtype=np.float32)
+
+    def tokens(self, case_ids: list[str]) -> np.ndarray:
+        if self.token_array is None:
+            raise LookupError(f"feature entry {self.folder} holds no patch tokens (extracted for global features only)")
+        rows = [self.rows[self.case_image[c]] for c in case_ids]
+        return np.asarray(self.token_array[rows], dtype=np.float32)
 
 
 def unique_images(manifest: Manifest) -> list[str]:
@@ -153,34 +191,45 @@ def remove_abandoned(folder: Path) -> None:
             pass
 
 
-def create_feature_file(tmp: Path, n: int, dim: int) -> None:
-    """The empty memory-mapped array every extracting process writes its rows into."""
+def create_feature_file(tmp: Path, n: int, dim: int, tokens: tuple[int, int] | None = None) -> None:
+    """The empty memory-mapped arrays every extracting process writes its rows into:
+    ``global.npy`` [n, dim] float32 and, with ``tokens`` = (T, D), ``tokens.npy`` [n, T, D] float16."""
     tmp.mkdir(parents=True, exist_ok=True)
     array = np.lib.format.open_memmap(tmp / "global.npy", mode="w+", dtype=np.float32, shape=(n, dim))
     del array
+    if tokens is not None:
+        array = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=np.float16, shape=(n, *tokens))
+        del array
 
 
-def extract_into(tmp: Path, manifest: Manifest, encode: Callable[[np.ndarray], np.ndarray], volumes: VolumeCache,
+def extract_into(tmp: Path, manifest: Manifest, encode: Callable[[np.ndarray], np.ndarray | dict[str, np.ndarray]], volumes: VolumeCache,
                  batch_size: int, my_blocks: Iterable[int] | None = None,
                  progress: Callable[[int], None] | None = None) -> int:
-    """Encode this process's batches into ``tmp/global.npy``; returns the number of forward passes.
+    """Encode this process's batches into the entry's arrays; returns the number of forward passes.
 
-    ``my_blocks`` restricts the process to some batches (data-parallel extraction);
-    batches are fixed, so the rows do not depend on how many processes share the work.
+    ``encode`` returns the global features, or a dict of arrays by file stem
+    (``{"global": ..., "tokens": ...}``). ``my_blocks`` restricts the process to
+    some batches (data-parallel extraction); batches are fixed, so the rows do not
+    depend on how many processes share the work.
     """
     images = unique_images(manifest)
-    array = np.load(tmp / "global.npy", mmap_mode="r+")
+    arrays: dict[str, np.ndarray] = {}
     forwards = 0
     todo = blocks(len(images), batch_size)
     for b in (range(len(todo)) if my_blocks is None else my_blocks):
         rows = todo[b]
         batch = np.stack([volumes.get(images[i]) for i in rows])
-        array[rows.start:rows.stop] = encode(batch)
+        out = encode(batch)
+        for name, values in (out if isinstance(out, dict) else {"global": out}).items():
+            if name not in arrays:
+                arrays[name] = np.load(tmp / f"{name}.npy", mmap_mode="r+")
+            arrays[name][rows.start:rows.stop] = values
         forwards += len(rows)
         if progress is not None:
             progress(len(rows))
-    array.flush()
-    del array
+    for array in arrays.values():
+        array.flush()
+    arrays.clear()
     return forwards
 
 

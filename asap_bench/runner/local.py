@@ -3,9 +3,11 @@
 Work is grouped by (encoder, protocol). A group first does the cheap part
 (manifest, input spec, fingerprints, split files) so that finished jobs are
 recognised without loading a model; only if a job is left does it build the
-encoder and extract frozen features, which the feature cache then serves to
-every seed, regime and protocol on the same data. Every job ends as a record,
-ok or failed; a failure never stops the other jobs.
+encoder and extract frozen features (global, and patch tokens for families
+that read them), which the feature cache then serves to every seed, regime and
+protocol on the same data. Fine-tuning families get the encoder itself, fresh
+per job, and a per-job work folder for resumable training state. Every job ends
+as a record, ok or failed; a failure never stops the other jobs.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -22,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.cache import (FeatureSet, VolumeCache, blocks, cache_root, create_feature_file, extract_into,
-                          feature_key, finish_features, remove_abandoned, unique_images)
+from ..data.cache import (TOKENS_FULL, FeatureSet, VolumeCache, blocks, cache_root, create_feature_file,
+                          extract_into, feature_key, finish_features, pool_tokens, remove_abandoned, unique_images)
 from ..data.manifest import Manifest, data_fingerprint, load_manifest
 from ..data.roots import default_splits_dir
 from ..data.transforms import input_for
@@ -35,7 +38,7 @@ from ..data.manifest import file_sha256
 from ..protocol import Protocol
 from ..results.record import Provenance, ResultRecord, Timing, now, software, write_record
 from ..splits import Split, ensure_split
-from ..tasks.base import FamilyNotBuilt, TaskFamily, TaskInputs, get_family
+from ..tasks.base import EncoderHandle, FamilyNotBuilt, TaskFamily, TaskInputs, get_family
 from . import distributed
 from .jobs import Job, existing, job_key
 
@@ -180,37 +183,57 @@ class Session:
         return group.splits[seed]
 
     # ---- heavy preparation
-    def module(self, entry: EncoderEntry) -> Encoder:
-        if entry.module is None:
-            seed_everything(0)  # random-init encoders are the same in every run
-            module = family_class(entry.card.family)(entry.card, "native")
-            if entry.checkpoint is not None:
-                from ..encoders.checkpoints import load_weights
+    def build(self, entry: EncoderEntry, seed: int = 0) -> Encoder:
+        """A fresh module of ``entry`` with its checkpoint's weights, on the run's device.
 
-                try:
-                    report = load_weights(module, entry.checkpoint, min_fraction=self.options.min_fraction,
-                                          adapt=self.options.interpolate_pos, sha256=entry.checkpoint_sha256)
-                except CheckpointError as error:
-                    if self.options.variant == "native":
-                        raise
-                    raise CheckpointError(f"{error}\n(the '{self.options.variant}' variant is a reduced architecture "
-                                          "for CPU tests; published weights need --variant native)") from None
-                self.log.info("loaded %s", report.summary())
-            entry.module = module.to(self.options.device).eval()
+        Random-init weights are drawn from ``seed``: 0 for frozen features (the same in
+        every run), the job seed for fine-tuning.
+        """
+        seed_everything(seed)
+        module = family_class(entry.card.family)(entry.card, "native")
+        if entry.checkpoint is not None:
+            from ..encoders.checkpoints import load_weights
+
+            try:
+                report = load_weights(module, entry.checkpoint, min_fraction=self.options.min_fraction,
+                                      adapt=self.options.interpolate_pos, sha256=entry.checkpoint_sha256)
+            except CheckpointError as error:
+                if self.options.variant == "native":
+                    raise
+                raise CheckpointError(f"{error}\n(the '{self.options.variant}' variant is a reduced architecture "
+                                      "for CPU tests; published weights need --variant native)") from None
+            self.log.info("loaded %s", report.summary())
+        return module.to(self.options.device)
+
+    def module(self, entry: EncoderEntry) -> Encoder:
+        """The frozen module shared by feature extraction, built once per run."""
+        if entry.module is None:
+            entry.module = self.build(entry).eval()
         return entry.module
 
     def features(self, group: Group, manifest: Manifest) -> FeatureSet:
         root = self.options.cache_dir or cache_root()
-        key = feature_key(group.encoder.fingerprint, group.spec, manifest)
+        tokens = None
+        if group.family.needs == "tokens":
+            tokens = group.family.token_grid(group.protocol) or TOKENS_FULL
+        key = feature_key(group.encoder.fingerprint, group.spec, manifest, tokens)
         folder = root / "features" / key
         if not distributed.agree((folder / "meta.json").is_file()):
             module = self.module(group.encoder)
             volumes = VolumeCache(manifest, group.spec, root)
+            name = group.encoder.card.name
 
-            def encode(batch: np.ndarray) -> np.ndarray:
-                return frozen_forward(module, torch.from_numpy(batch)).global_embedding.cpu().numpy()
+            def encode(batch: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
+                out = frozen_forward(module, torch.from_numpy(batch))
+                features = out.global_embedding.cpu().numpy()
+                if tokens is None:
+                    return features
+                if out.patch_tokens is None or out.grid is None:
+                    raise ValueError(f"encoder {name!r} gives no patch tokens; {group.protocol.id} needs them")
+                pooled = pool_tokens(out.patch_tokens, out.grid, tokens)
+                return {"global": features, "tokens": pooled.cpu().numpy().astype(np.float16)}
 
-            meta = {"encoder": group.encoder.card.name, "encoder_fingerprint": group.encoder.fingerprint,
+            meta = {"encoder": name, "encoder_fingerprint": group.encoder.fingerprint, "tokens": tokens,
                     "dataset": manifest.dataset, "table": manifest.table_name, "manifest_sha256": manifest.sha256,
                     "input": group.spec.model_dump(mode="json"), "device": self.options.device}
             images = unique_images(manifest)
@@ -218,7 +241,10 @@ class Session:
             tmp = folder.parent / f".{key}.tmp-{distributed.agree(os.getpid())}"
             if distributed.rank() == 0:
                 remove_abandoned(folder)
-                create_feature_file(tmp, len(images), module.embed_dim)
+                token_shape = None
+                if tokens is not None:  # one probe forward gives the pooled token shape
+                    token_shape = encode(volumes.get(images[0])[None])["tokens"].shape[1:]
+                create_feature_file(tmp, len(images), module.embed_dim, token_shape)
             distributed.barrier()
             started = time.perf_counter()
             n_blocks = len(blocks(len(images), self.options.batch_size))
@@ -255,7 +281,8 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="vol", leave=False)
 
 
-def _provenance(group: Group | None, job: Job, options: RunOptions, split: Split | None) -> Provenance:
+def _provenance(group: Group | None, job: Job, options: RunOptions, split: Split | None,
+                extra: dict[str, Any] | None = None) -> Provenance:
     protocol = job.protocol
     base: dict[str, Any] = {
         "protocol_id": protocol.id, "protocol_version": protocol.version, "protocol_fingerprint": protocol.fingerprint,
@@ -272,7 +299,7 @@ def _provenance(group: Group | None, job: Job, options: RunOptions, split: Split
         })
         if group.target is not None:
             base.update({"target_dataset": group.target.dataset, "target_data_fingerprint": group.target_fp})
-    return Provenance(**base)
+    return Provenance(**{**base, **(extra or {})})
 
 
 def _key(group: Group, job: Job, split: Split) -> str:
@@ -293,7 +320,8 @@ def _failed(job: Job, options: RunOptions, group: Group | None, split: Split | N
                           regime=job.ratio, seed=job.seed, status="failed", error=message,
                           provenance=_provenance(group, job, options, split),
                           timing=Timing(started=started, finished=now(), seconds=round(time.perf_counter() - t0, 3)))
-    write_record(path, record)
+    if _writes_records(group):
+        write_record(path, record)
     return Outcome(job, "failed", seconds=time.perf_counter() - t0, message=message.splitlines()[0])
 
 
@@ -348,7 +376,7 @@ def run_jobs(jobs: list[Job], options: RunOptions, log: logging.Logger, dry_run:
         if dry_run or not todo:
             continue
         try:
-            if family.needs == "global":
+            if family.needs in ("global", "tokens"):
                 group.features = session.features(group, group.manifest)
                 if group.target is not None:
                     group.target_features = session.features(group, group.target)
@@ -357,9 +385,10 @@ def run_jobs(jobs: list[Job], options: RunOptions, log: logging.Logger, dry_run:
             log.debug(traceback.format_exc())
             outcomes += [_failed(job, options, group, split, error, started, t0, key) for job, split, key in todo]
             continue
+        shared = family.needs == "volumes"  # data-parallel: every rank runs each job together
         for index, (job, split, key) in enumerate(todo):
-            if index % distributed.world() == distributed.rank():
-                outcomes.append(run_one(job, group, split, key, options, log))
+            if shared or index % distributed.world() == distributed.rank():
+                outcomes.append(run_one(job, group, split, key, options, log, session if shared else None))
     if distributed.world() > 1:
         gathered = distributed.gather(outcomes)
         if gathered is None:
@@ -374,25 +403,51 @@ def run_jobs(jobs: list[Job], options: RunOptions, log: logging.Logger, dry_run:
     return outcomes
 
 
-def run_one(job: Job, group: Group, split: Split, key: str, options: RunOptions, log: logging.Logger) -> Outcome:
+def _writes_records(group: Group | None) -> bool:
+    """A data-parallel job is recorded by rank 0 alone; a job dealt to one rank by that rank."""
+    return group is None or group.family.needs != "volumes" or distributed.rank() == 0
+
+
+def work_dir(job: Job, key: str, options: RunOptions) -> Path:
+    """The job's training-state folder, named by its key: a rerun of the same job resumes from it."""
+    record = job.record_path(options.out)
+    return record.parent / f".{record.stem}.work-{key[:16]}"
+
+
+def run_one(job: Job, group: Group, split: Split, key: str, options: RunOptions, log: logging.Logger,
+            session: Session | None = None) -> Outcome:
+    """Run one job and record it; ``session`` is needed by fine-tuning families (fresh encoders)."""
     started, t0 = now(), time.perf_counter()
+    work = None
     try:
         seed_everything(job.seed)
         inputs = TaskInputs(job.protocol, group.manifest, split, job.ratio, job.seed, group.features,
                             group.target, group.target_features, options.device, log)
+        if group.family.needs == "volumes":
+            if session is None:
+                raise ValueError(f"{job.name}: a fine-tuning family needs the session to build encoders")
+            work = work_dir(job, key, options)
+            entry = group.encoder
+            inputs.encoder = EncoderHandle(entry.card, lambda: session.build(entry, job.seed).train())
+            inputs.spec = group.spec
+            inputs.cache_dir = options.cache_dir or cache_root()
+            inputs.work_dir = work
         result = group.family.run(inputs)
         bad = [k for k, v in result.metrics.items() if v is not None and not np.isfinite(v)]
         if bad:
             raise FloatingPointError(f"metrics {bad} are not finite; a NaN metric must be None with a reason in notes")
-    except Exception as error:  # NaN loss, out of memory, a corrupt volume: this job only
+        seconds = time.perf_counter() - t0
+        record = ResultRecord(job_key=key, encoder=job.encoder, protocol=job.protocol.id, family=job.protocol.family,
+                              regime=job.ratio, seed=job.seed, status="ok", metrics=result.metrics, notes=result.notes,
+                              selected=result.selected, sizes=result.sizes,
+                              provenance=_provenance(group, job, options, split, result.provenance),
+                              timing=Timing(started=started, finished=now(), seconds=round(seconds, 3)))
+    except Exception as error:  # NaN loss, out of memory, a corrupt volume, a malformed result: this job only
         log.error("%s failed: %s", job.name, error)
         log.debug(traceback.format_exc())
         return _failed(job, options, group, split, error, started, t0, key)
-    seconds = time.perf_counter() - t0
-    record = ResultRecord(job_key=key, encoder=job.encoder, protocol=job.protocol.id, family=job.protocol.family,
-                          regime=job.ratio, seed=job.seed, status="ok", metrics=result.metrics, notes=result.notes,
-                          selected=result.selected, sizes=result.sizes,
-                          provenance=_provenance(group, job, options, split),
-                          timing=Timing(started=started, finished=now(), seconds=round(seconds, 3)))
-    write_record(job.record_path(options.out), record, result.units)
+    if _writes_records(group):
+        write_record(job.record_path(options.out), record, result.units)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)  # the record holds the result; training state is spent
     return Outcome(job, "ok", metric=result.metrics.get(job.protocol.primary_metric), seconds=seconds)

@@ -1,9 +1,10 @@
 """The task-family interface: the only thing the runner knows about a task.
 
 A family gets one job's inputs (protocol, manifest, split, regime, seed, and
-the frozen features it asked for) and returns metrics, the hyper-parameters it
-chose on validation, and per-unit outputs for paired tests. It fits on the
-regime subset of train, selects on val, and scores test once.
+what it asked for through ``needs``: frozen global features, frozen patch
+tokens, or the encoder itself to fine-tune) and returns metrics, the
+hyper-parameters it chose on validation, and per-unit outputs for paired tests.
+It fits on the regime subset of train, selects on val, and scores test once.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import importlib
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
 from ..data.manifest import Manifest
+from ..encoders.base import Encoder
+from ..encoders.card import EncoderCard, InputSpec
 from ..protocol import Protocol
 from ..splits import Split
 
@@ -27,6 +31,19 @@ class FeatureLookup(ABC):
     @abstractmethod
     def global_features(self, case_ids: list[str]) -> np.ndarray:  # [n, D] float32
         ...
+
+    def tokens(self, case_ids: list[str]) -> np.ndarray:  # [n, T, D] float32
+        """Frozen last-block patch tokens, pooled to the family's ``token_grid``."""
+        raise LookupError(f"{type(self).__name__} holds no patch tokens")
+
+
+@dataclass
+class EncoderHandle:
+    """What a fine-tuning family gets instead of frozen features: the card (sized for the
+    run's variant) and ``build()``, a fresh module with the checkpoint's weights, in train mode."""
+
+    card: EncoderCard
+    build: Callable[[], Encoder]
 
 
 @dataclass
@@ -41,6 +58,11 @@ class TaskInputs:
     target_features: FeatureLookup | None = None
     device: str = "cpu"
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("asap_bench.task"))
+    # fine-tuning families (needs == "volumes")
+    encoder: EncoderHandle | None = None
+    spec: InputSpec | None = None  # what the encoder is fed under this protocol
+    cache_dir: Path | None = None  # content-keyed cache root, for the family's own entries
+    work_dir: Path | None = None  # per-job folder (keyed by the job key) for resumable training state
 
     @property
     def train(self) -> list[str]:
@@ -55,14 +77,21 @@ class TaskResult:
     selected: dict[str, Any] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
     units: dict[str, Any] | None = None  # per-unit outputs (per case / per label) for paired tests
+    provenance: dict[str, Any] = field(default_factory=dict)  # extra Provenance fields, e.g. text_model
 
 
 class TaskFamily(ABC):
-    """A family of tasks. ``needs`` says what the runner must provide: frozen global features,
-    frozen patch tokens, or preprocessed volumes (fine-tuning)."""
+    """A family of tasks. ``needs`` says what the runner must provide: frozen global features
+    ("global"), those and frozen patch tokens ("tokens"), or the encoder to fine-tune ("volumes").
+    Under torchrun every rank runs each "volumes" job together (data-parallel) and rank 0 records it;
+    other jobs are dealt to ranks whole."""
 
     name: ClassVar[str]
     needs: ClassVar[str] = "global"  # "global" | "tokens" | "volumes"
+
+    def token_grid(self, protocol: Protocol) -> tuple[int, int, int] | None:
+        """For ``needs == "tokens"``: the grid patch tokens are pooled to; None keeps them all."""
+        return None
 
     @abstractmethod
     def run(self, inputs: TaskInputs) -> TaskResult:
