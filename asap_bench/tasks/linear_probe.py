@@ -36,6 +36,7 @@ from ..data.manifest import Manifest, label_matrix
 from ..metrics.classification import Metric, SUPPORTED, score_outputs
 from ..protocol import Protocol
 from .base import FeatureLookup, TaskFamily, TaskInputs, TaskResult
+from .selection import choose, default_value
 
 # Head parameters the probe reads, and ones that belong to other stages of a cls protocol.
 PROBE_PARAMS = {"standardize", "C_grid", "select_on", "max_iter", "tol", "class_weight", "multi_label", "multi_class"}
@@ -283,11 +284,9 @@ class LinearProbe(TaskFamily):
             thresholds = youden_thresholds(Y_val, S_val)[0] if needs_cut else None
             metric = score_outputs(spec.kind, Y_val, S_val, [primary], names, thresholds)[primary]
             curve[c] = metric.value
-        defined = {c: v for c, v in curve.items() if not math.isnan(v)}
-        if defined:
-            chosen = max(defined, key=lambda c: (defined[c], -c))
-        else:
-            chosen = 1.0 if 1.0 in curve else params.c_grid[len(params.c_grid) // 2]
+        chosen = choose(curve, prefer_larger=False)
+        if chosen is None:
+            chosen = default_value(params.c_grid)
             notes["C"] = (f"validation {primary} is undefined for every C ({len(val_ids)} val case(s)); "
                           f"C={chosen} used without selection")
         probe = path[chosen]

@@ -50,6 +50,7 @@ from ..metrics.classification import Metric
 from ..metrics.survival import c_index, horizon_auc, score_survival
 from ..protocol import Protocol
 from .base import TaskFamily, TaskInputs, TaskResult
+from .selection import choose, default_value
 from .linear_probe import DEFAULT_C_GRID, LinearProbe, ProbeParams, feature_matrix, fit_path
 
 HEAD_KIND = "cox_and_logistic"
@@ -161,21 +162,8 @@ def _logistic_params(pid: str, raw: Any, survival: Survival,
 
 
 # ---------------------------------------------------------------------------
-# selection on validation
+# helpers
 # ---------------------------------------------------------------------------
-
-def choose(curve: dict[float, float], prefer_larger: bool) -> float | None:
-    """The grid value with the best defined validation score; ties go to the stronger regularisation."""
-    defined = {v: s for v, s in curve.items() if not math.isnan(s)}
-    if not defined:
-        return None
-    sign = 1.0 if prefer_larger else -1.0
-    return max(defined, key=lambda v: (defined[v], sign * v))
-
-
-def _fallback(grid: tuple[float, ...]) -> float:
-    return 1.0 if 1.0 in grid else grid[len(grid) // 2]
-
 
 def _none(value: float) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
@@ -382,7 +370,7 @@ class Prognosis(TaskFamily):
         curves["penalizer"] = {repr(p): _none(v) for p, v in curve.items()}
         chosen = choose(curve, prefer_larger=True)
         if chosen is None:
-            fallback = _fallback(tuple(path.models))
+            fallback = default_value(tuple(path.models))
             reason = c_index(time["val"], np.zeros(len(W["val"])), event["val"]).reason
             notes["penalizer"] = (f"validation C-index is undefined ({reason}); "
                                   f"penalizer={fallback} used without selection")
@@ -404,7 +392,7 @@ class Prognosis(TaskFamily):
         curves[metric] = {repr(c): _none(v) for c, v in curve.items()}
         chosen = choose(curve, prefer_larger=False)
         if chosen is None:
-            chosen = _fallback(probe.c_grid)
+            chosen = default_value(probe.c_grid)
             reason = horizon_auc(labels["val"], np.zeros(len(Z["val"])), metric).reason
             notes[f"C[{metric}]"] = f"validation AUC is undefined ({reason}); C={chosen} used without selection"
         if capped[chosen]:
