@@ -167,6 +167,90 @@ def datasets_show(name: str) -> None:
         click.echo(f"# {table_name}.csv columns: {', '.join(table.columns())}")
 
 
+def _key_values(pairs: tuple[str, ...]) -> dict:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE, e.g. negatives_per_series=20 or spacing=[1,1,2.5]")
+        options[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return options
+
+
+@datasets.command("prepare")
+@click.argument("name")
+@click.option("--source", type=click.Path(path_type=Path), help="The official download, as unpacked.")
+@click.option("--out", type=click.Path(path_type=Path), help="The prepared data root (one folder per dataset).")
+@click.option("--resume", is_flag=True, help="Keep files converted by an earlier, interrupted run.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Adapter option: spacing=[x,y,z] (rad-chestct, cc-ccii), negatives_per_series=N|-1 (luna16), "
+                   "mask_variable=NAME (fumpe), time_column=NAME and event_column=NAME (inspect).")
+@friendly
+def datasets_prepare(name: str, source: Path | None, out: Path | None, resume: bool, settings: tuple[str, ...]) -> None:
+    """Turn a dataset's official download into the manifest format every protocol reads."""
+    from .data.adapters import get_adapter, prepare, private_message
+
+    if get_adapter(name).prepare is None:
+        raise click.ClickException(private_message(name))
+    if source is None or out is None:
+        raise click.UsageError("prepare needs --source RAW and --out ROOT")
+    try:
+        summary = prepare(name, source, out, {**_key_values(settings), "resume": resume})
+    except ImportError as err:  # an optional reader (SimpleITK, pydicom, h5py) is not installed
+        raise click.ClickException(str(err)) from None
+    for note in summary["notes"]:
+        click.echo(f"note: {note}")
+    for table, rows in summary["tables"].items():
+        click.echo(f"{name}/{table}.csv: {rows} rows  fingerprint {summary['fingerprints'][table][:16]}")
+    click.echo(f"prepared {summary['folder']}; check it with `asap-bench datasets verify {out}`")
+
+
+@datasets.command("verify")
+@click.argument("root", type=click.Path(path_type=Path))
+@click.option("--dataset", "names", multiple=True, help="Only these datasets (default: every prepared one).")
+@click.option("--content", is_flag=True, help="Fingerprints include every file's sha256 (reads all bytes).")
+@click.option("--no-open", is_flag=True, help="Only check that files exist; do not read them.")
+@click.option("--json", "as_json", is_flag=True, help="The full report as JSON.")
+@friendly
+def datasets_verify(root: Path, names: tuple[str, ...], content: bool, no_open: bool, as_json: bool) -> None:
+    """Check a prepared root: tables, files, geometry, masks and labels; exit 1 on any problem."""
+    from .data.verify import verify_root
+
+    report = verify_root(root, list(names) or None, open_files=not no_open, content=content)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        for dataset, tables in report.checked.items():
+            for table, rows in tables.items():
+                click.echo(f"{dataset}/{table}: {rows} rows  fingerprint {report.fingerprints[dataset][table]}")
+        for warning in report.warnings:
+            click.echo(f"warning: {warning}")
+        for problem in report.problems:
+            click.echo(f"problem: {problem}", err=True)
+        click.echo(f"{report.files} files read, {len(report.problems)} problem(s), {len(report.warnings)} warning(s)")
+    if not report.ok:
+        sys.exit(1)
+
+
+@datasets.command("download")
+@click.argument("name", type=click.Choice(["ct-rate", "radgenome"]))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Where the raw download goes.")
+@click.option("--include", "patterns", multiple=True, help="Only files matching these patterns (default: the "
+              "label, report and metadata tables).")
+@click.option("--volumes", is_flag=True, help="Also the volumes (CT-RATE: about 12 TB).")
+@click.option("--token", envvar="HF_TOKEN", help="Hub token for the gated repository (default: $HF_TOKEN).")
+@friendly
+def datasets_download(name: str, out: Path, patterns: tuple[str, ...], volumes: bool, token: str | None) -> None:
+    """Fetch a hub-hosted dataset's official files (needs network and accepted terms)."""
+    from .data.download import DownloadError, download
+
+    try:
+        path = download(name, out, patterns=list(patterns) or None, volumes=volumes, token=token)
+    except DownloadError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"downloaded into {path}; next: asap-bench datasets prepare {name} --source {path} --out ROOT")
+
+
 # --------------------------------------------------------------------------- run
 
 def _seed_list(seeds: int | None, seed_list: str | None) -> list[int] | None:
@@ -403,3 +487,15 @@ def splits_make(tasks: tuple[str, ...], data_root: Path | None, splits_dir: Path
     click.echo(f"\nsplit files under {directory}")
     if failures:
         raise click.ClickException(f"{failures} task(s) failed")
+
+
+# --------------------------------------------------------------------------- submit, leaderboard
+
+def _register_submission_commands() -> None:
+    from .cli_submit import leaderboard, submit
+
+    main.add_command(submit)
+    main.add_command(leaderboard)
+
+
+_register_submission_commands()

@@ -9,6 +9,7 @@ every cache and split built from it.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,19 +155,44 @@ def label_matrix(manifest: Manifest, target: str) -> pd.DataFrame:
     return manifest.frame[labels.columns].apply(pd.to_numeric, errors="coerce")
 
 
+def _referenced_files(manifest: Manifest) -> list[str]:
+    columns = [c for c in ("image", "mask") if c in manifest.frame]
+    return sorted({f for c in columns for f in manifest.frame[c].dropna().tolist()})
 
 
-def data_fingerprint(manifest: Manifest) -> str:
-    """The manifest's hash plus every referenced file's relative path and size.
+def content_hashing_requested() -> bool:
+    """``ASAP_BENCH_HASH_CONTENT=1`` turns on full content hashing wherever a fingerprint is taken."""
+    return os.environ.get("ASAP_BENCH_HASH_CONTENT", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def fingerprint_details(manifest: Manifest, content: bool | None = None) -> dict:
+    """What a data fingerprint is made of: the label table's hash and every referenced file with its size
+    (and its sha256 when ``content``), by its path relative to the dataset folder, so the record is the
+    same wherever the data lives. A missing file has size -1."""
+    content = content_hashing_requested() if content is None else content
+    files = []
+    for relative in _referenced_files(manifest):
+        path = manifest.folder / relative
+        entry = {"path": relative, "size": path.stat().st_size if path.exists() else -1}
+        if content:
+            entry["sha256"] = file_sha256(path) if path.is_file() else None
+        files.append(entry)
+    return {"dataset": manifest.dataset, "table": manifest.table_name, "label_table_sha256": manifest.sha256,
+            "n_rows": len(manifest), "content": content, "files": files}
+
+
+def data_fingerprint(manifest: Manifest, content: bool | None = None) -> str:
+    """The label table's hash plus every referenced file's relative path and size.
 
     Cheap (a stat per file) and shareable: two groups can show they ran on the same
-    data without exchanging it. A content hash of every file is a separate, slower step.
+    data without exchanging it. With ``content`` (or ``ASAP_BENCH_HASH_CONTENT=1``)
+    each file's sha256 is folded in too; that reads every byte, and the result is
+    marked so it never equals a size-only fingerprint.
     """
+    details = fingerprint_details(manifest, content)
     digest = hashlib.sha256(manifest.sha256.encode())
-    columns = [c for c in ("image", "mask") if c in manifest.frame]
-    files = sorted({f for c in columns for f in manifest.frame[c].dropna().tolist()})
-    for relative in files:
-        path = manifest.folder / relative
-        size = path.stat().st_size if path.exists() else -1
-        digest.update(f"{relative}\0{size}\n".encode())
+    for entry in details["files"]:
+        digest.update(f"{entry['path']}\0{entry['size']}\n".encode())
+        if details["content"]:
+            digest.update(f"sha256\0{entry['sha256']}\n".encode())
     return digest.hexdigest()
