@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import torch
 
 FORMAT_VERSION = 1
+KINDS = ("volumes", "features", "text")  # top-level folders of the cache root; families add entries under them
 
 
 def cache_root() -> Path:
@@ -254,7 +255,7 @@ def entries(root: Path | None = None) -> list[dict[str, Any]]:
     """Every finished cache entry with its meta and size on disk."""
     root = root or cache_root()
     found = []
-    for kind in ("volumes", "features"):
+    for kind in KINDS:
         for folder in sorted((root / kind).glob("*")) if (root / kind).is_dir() else []:
             if folder.name.startswith(".") or not (folder / "meta.json").is_file():
                 continue
@@ -272,7 +273,7 @@ def clear(root: Path | None = None, kind: str | None = None) -> int:
         if kind in (None, entry["kind"]):
             shutil.rmtree(entry["path"], ignore_errors=True)
             removed += 1
-    for kind_dir in ("volumes", "features"):  # leftovers of killed runs
+    for kind_dir in KINDS:  # leftovers of killed runs
         for tmp in (root / kind_dir).glob(".*.tmp-*") if (root / kind_dir).is_dir() else []:
             if kind in (None, kind_dir):
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -60,15 +60,49 @@ def plugins() -> dict[str, tuple[EncoderCard, type[Encoder]]]:
     return found
 
 
+# Cards made known to this process by name (a submission's card file), with an optional Encoder class.
+_REGISTERED: dict[str, EncoderCard] = {}
+_REGISTERED_CLASSES: dict[str, type[Encoder]] = {}
+
+
+def register_card(card: EncoderCard | str | Path, cls: type[Encoder] | None = None) -> EncoderCard:
+    """Make a card that is not shipped known to this process by its name, so the runner can take the name.
+
+    ``card`` is an EncoderCard or a card YAML path. Its family must be a built-in one,
+    an installed plug-in's, or ``cls``'s. A built-in encoder's name is refused unless the
+    card is that encoder's own; a registered card takes the place of a plug-in's card of
+    the same name in this process.
+    """
+    if not isinstance(card, EncoderCard):
+        card = load_card_file(Path(card))
+    if card.name in encoder_names() and card != load_encoder_card(card.name):
+        raise KeyError(f"card {card.name!r}: the name is a built-in encoder's and the card differs from "
+                       f"baselines/{card.name}.yaml; give the encoder its own name")
+    if cls is not None:
+        if not (isinstance(cls, type) and issubclass(cls, Encoder)) or getattr(cls, "family", None) != card.family:
+            raise PluginError(f"card {card.name!r}: {cls!r} is not an Encoder subclass of family {card.family!r}")
+        _REGISTERED_CLASSES[card.family] = cls
+    family_class(card.family)  # an unknown architecture fails here, naming the known ones
+    _REGISTERED[card.name] = card
+    return card
+
+
+def forget_card(name: str) -> None:
+    """Undo ``register_card`` for ``name`` (its class stays until the process ends)."""
+    _REGISTERED.pop(name, None)
+
+
 def all_encoder_names() -> list[str]:
-    return sorted({*encoder_names(), *plugins()})
+    return sorted({*encoder_names(), *plugins(), *_REGISTERED})
 
 
 def get_card(name: str | Path) -> EncoderCard:
-    """A card by encoder name (built-in or plug-in) or by the path of a card YAML."""
+    """A card by encoder name (registered, built-in or plug-in) or by the path of a card YAML."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml"):
         return load_card_file(path)
+    if name in _REGISTERED:
+        return _REGISTERED[str(name)]
     if name in plugins():
         return plugins()[name][0]
     names = all_encoder_names()
@@ -80,6 +114,8 @@ def get_card(name: str | Path) -> EncoderCard:
 
 
 def family_class(family: str) -> type[Encoder]:
+    if family in _REGISTERED_CLASSES:
+        return _REGISTERED_CLASSES[family]
     for card, cls in plugins().values():
         if card.family == family:
             return cls

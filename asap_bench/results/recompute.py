@@ -21,8 +21,26 @@ def _array(values) -> np.ndarray:
 
 
 def recompute(units: dict[str, Any], metrics: list[str]) -> dict[str, float | None]:
-    """Metrics from a record's units (classification or survival outputs); None where undefined."""
-    if units.get("task") == "survival":
+    """Metrics from a record's units; None where undefined.
+
+    Classification and survival outputs are scored by their metric modules; any other
+    family's units (per-case Dice, retrieval hits, text scores) through the statistics
+    layer's set metrics under unit weights, the same computation its bootstrap resamples.
+    """
+    task = units.get("task")
+    if task not in ("binary", "multilabel", "multiclass", "survival"):
+        from ..stats import set_metric
+
+        ones = np.ones((1, len(units.get("ids", []))))
+        out: dict[str, float | None] = {}
+        for metric in metrics:
+            value = set_metric(units, metric, ones)
+            if value is None:
+                raise ValueError(f"no way to recompute {metric!r} from units of task {task!r}; "
+                                 "register one with stats.register_set_metric")
+            out[metric] = None if math.isnan(value[0]) else float(value[0])
+        return out
+    if task == "survival":
         horizons = units.get("horizons", {})
         labels = {m: _array(h["labels"]) for m, h in horizons.items()}
         scores = {m: _array(h["scores"]) for m, h in horizons.items()}

@@ -422,7 +422,8 @@ def run_one(job: Job, group: Group, split: Split, key: str, options: RunOptions,
     try:
         seed_everything(job.seed)
         inputs = TaskInputs(job.protocol, group.manifest, split, job.ratio, job.seed, group.features,
-                            group.target, group.target_features, options.device, log)
+                            group.target, group.target_features, options.device, log,
+                            cache_dir=options.cache_dir or cache_root())
         if group.family.needs == "volumes":
             if session is None:
                 raise ValueError(f"{job.name}: a fine-tuning family needs the session to build encoders")
@@ -430,7 +431,6 @@ def run_one(job: Job, group: Group, split: Split, key: str, options: RunOptions,
             entry = group.encoder
             inputs.encoder = EncoderHandle(entry.card, lambda: session.build(entry, job.seed).train())
             inputs.spec = group.spec
-            inputs.cache_dir = options.cache_dir or cache_root()
             inputs.work_dir = work
         result = group.family.run(inputs)
         bad = [k for k, v in result.metrics.items() if v is not None and not np.isfinite(v)]
