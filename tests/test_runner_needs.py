@@ -66,3 +66,23 @@ def test_fine_tuning_family_builds_fresh_seeded_encoders_and_resumes(env, monkey
     assert records[0]["selected"]["weight_sum"] != records[1]["selected"]["weight_sum"]  # seeded by the job
     assert records[0]["selected"]["input_size"] == [64, 64, 32]  # the demo ViT's size
     assert not list(folder.glob(".r1.0_s*.work-*"))  # spent once recorded
+
+
+def test_a_card_file_runs_under_its_own_name(env, tmp_path):
+    import yaml
+
+    from asap_bench.encoders.registry import forget_card
+    from asap_bench.resources import resource_dir
+
+    card = yaml.safe_load((resource_dir("baselines") / "random.yaml").read_text())
+    card["name"] = "my-vit"
+    path = tmp_path / "my-vit.yaml"
+    path.write_text(yaml.safe_dump(card))
+    try:
+        result = CliRunner().invoke(main, ["run", "--encoder", str(path), "--task", "cls/stoic", "--ratios", "1",
+                                           "--seed-list", "0", "--data-root", str(env["root"]), "--out",
+                                           str(env["out"]), "--quiet", "--dry-run"])
+    finally:
+        forget_card("my-vit")
+    assert result.exit_code == 0, result.output
+    assert "my-vit" in result.output and str(path) not in result.output

@@ -61,6 +61,13 @@ def summarise(outcomes: list[Outcome]) -> list[dict]:
     return list(rows.values())
 
 
+def _encoder_names(encoders: list[str]) -> list[str]:
+    """Names as given; a card file (``my-encoder.yaml``) is registered for this process and runs under its name."""
+    from ..encoders.registry import register_card
+
+    return [register_card(Path(e)).name if e.endswith((".yaml", ".yml")) else e for e in encoders]
+
+
 def execute(encoders: list[str], tasks: tuple[str, ...], seeds: list[int] | None, ratios: list[float] | None,
             checkpoint: Path | None, data_root: Path | None, out: Path | None, device: str, variant: str | None,
             batch_size: int, interpolate_pos: bool, force: bool, dry_run: bool, quiet: bool, slurm=None) -> int:
@@ -76,7 +83,7 @@ def execute(encoders: list[str], tasks: tuple[str, ...], seeds: list[int] | None
     options = RunOptions(data_root=root, out=out, device=device, variant=variant,
                          checkpoint=checkpoint, force=force, batch_size=batch_size, interpolate_pos=interpolate_pos,
                          progress=not quiet)
-    jobs = expand(encoders, select_protocols(tasks), seeds, ratios)
+    jobs = expand(_encoder_names(encoders), select_protocols(tasks), seeds, ratios)
     if distributed.launched_by_torchrun():
         options.device = distributed.init(device)
         quiet = quiet or distributed.rank() > 0
