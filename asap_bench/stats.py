@@ -39,6 +39,7 @@ difference. All tests are scipy.stats; only Holm's step-down adjustment is writt
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -361,10 +362,21 @@ SetMetric = Callable[[Mapping[str, Any], str, np.ndarray], "np.ndarray | None"]
 _SET_METRICS: dict[str, SetMetric] = {}
 
 
+# the shipped families' set metrics, imported on first use (their modules import this one)
+_SHIPPED_SET_METRICS = {"text_generation": "asap_bench.metrics.text:text_set_metric"}
+
+
 def register_set_metric(task: str, fn: SetMetric) -> None:
     """Let a family's units (``units["task"] == task``) be bootstrapped: ``fn(units, metric, W)`` returns the
     metric for each row of weights ``W`` [replicates, cases] (NaN where undefined), or None if it has no such metric."""
     _SET_METRICS[task] = fn
+
+
+def _registered(task: str | None) -> SetMetric | None:
+    if task not in _SET_METRICS and task in _SHIPPED_SET_METRICS:
+        module, _, name = _SHIPPED_SET_METRICS[task].partition(":")
+        _SET_METRICS[task] = getattr(importlib.import_module(module), name)
+    return _SET_METRICS.get(task)
 
 
 # Internally weights are held cases-first, T = W.T [cases, replicates], so that picking
@@ -547,7 +559,7 @@ def set_metric(units: Mapping[str, Any], metric: str, W: np.ndarray) -> np.ndarr
     None when the units cannot give it."""
     W = np.atleast_2d(np.asarray(W, dtype=float))
     task = units.get("task")
-    if task in _SET_METRICS:
+    if _registered(task) is not None:
         value = _SET_METRICS[task](units, metric, W)
         if value is not None:
             return np.asarray(value, dtype=float)
@@ -817,7 +829,7 @@ def bootstrappable(units: Mapping[str, Any], metric: str) -> bool:
     task = units.get("task")
     if not units.get("ids"):
         return False
-    if task in _SET_METRICS:
+    if _registered(task) is not None:
         return True
     if task in ("binary", "multilabel", "multiclass") and metric in CLS_METRICS:
         return metric == "auc" or task == "multiclass" or units.get("thresholds") is not None

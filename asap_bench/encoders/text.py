@@ -109,3 +109,22 @@ def load_text_weights(tower: TextTower, card: EncoderCard, path: Path | str,
     report = LoadReport(str(path), file_sha256(Path(path)))
     report.ignored = sorted(k for k in state if not k.startswith(prefix))
     return apply_state(tower.model, mapped, report, f"{card.name} text tower", min_fraction)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "config.json")
+
+
+def text_model_sha256(name: str | Path, weights: bool = True) -> str:
+    """sha256 of a text model's files, resolved like ``resolve_text_model``: the name, then the hash of each
+    weight file or shard (when ``weights``) and each tokenizer / config file present. A tokenizer-only use passes
+    ``weights=False``, so its hash does not depend on weights it never reads."""
+    folder = resolve_text_model(name)
+    digest = hashlib.sha256(str(name).encode())
+    shards = sorted(f.name for pattern in ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")
+                    for f in folder.glob(pattern)) if weights else []
+    for filename in (WEIGHT_FILES if weights else ()) + tuple(shards) + TOKENIZER_FILES:
+        if (folder / filename).is_file():
+            digest.update(filename.encode())
+            digest.update(file_sha256(folder / filename).encode())
+    return digest.hexdigest()
