@@ -9,10 +9,17 @@ its own published one (``native``) or the protocol's shared one (``paper``).
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 from monai import transforms as mt
 
 from ..encoders.card import InputSpec
 from ..protocol import Preprocessing
+
+# MONAI says at every reader construction that its optional GPU DICOM decoder is absent: not news on CPU
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader", category=UserWarning)
 
 PERCENTILES = (0.5, 99.5)  # intensity 'percentile': robust min-max for MRI and 8-bit sources
 
@@ -35,8 +42,13 @@ def _axis_permutation(axis_order: str) -> tuple[int, ...]:
     return (0, *(1 + "HWD".index(axis) for axis in axis_order))
 
 
-def build_preprocessing(spec: InputSpec, with_mask: bool = False, load: bool = True) -> mt.Compose:
-    """Dictionary transform: file path(s) under ``image`` (and ``mask``) -> tensors the encoder takes."""
+def build_preprocessing(spec: InputSpec, with_mask: bool = False, load: bool = True,
+                        whole_volume: bool = False) -> mt.Compose:
+    """Dictionary transform: file path(s) under ``image`` (and ``mask``) -> tensors the encoder takes.
+
+    ``whole_volume`` skips the resize / crop-or-pad to ``spec.size``: segmentation keeps the
+    whole resampled volume and crops (training) or slides a window (inference) over it.
+    """
     keys = ["image", "mask"] if with_mask else ["image"]
     image = ["image"]
     steps: list[mt.Transform] = []
@@ -49,7 +61,9 @@ def build_preprocessing(spec: InputSpec, with_mask: bool = False, load: bool = T
         modes = ("bilinear", "nearest")[: len(keys)]
         steps.append(mt.Spacingd(keys, pixdim=spec.spacing, mode=modes))
     steps += _intensity(spec, image)
-    if spec.resize == "resize":
+    if whole_volume:
+        pass  # no size step: the consumer crops or slides a window over the whole volume
+    elif spec.resize == "resize":
         modes = ("trilinear", "nearest")[: len(keys)]
         steps.append(mt.Resized(keys, spatial_size=spec.size, mode=modes))
     else:

@@ -58,10 +58,10 @@ class TaskInputs:
     target_features: FeatureLookup | None = None
     device: str = "cpu"
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("asap_bench.task"))
+    cache_dir: Path | None = None  # content-keyed cache root, for the family's own entries (e.g. text embeddings)
     # fine-tuning families (needs == "volumes")
     encoder: EncoderHandle | None = None
     spec: InputSpec | None = None  # what the encoder is fed under this protocol
-    cache_dir: Path | None = None  # content-keyed cache root, for the family's own entries
     work_dir: Path | None = None  # per-job folder (keyed by the job key) for resumable training state
 
     @property
@@ -102,6 +102,11 @@ class TaskFamily(ABC):
 FAMILIES: dict[str, str] = {
     "cls": "asap_bench.tasks.linear_probe:LinearProbe",
     "prog": "asap_bench.tasks.prognosis:Prognosis",
+    "seg": "asap_bench.tasks.segmentation:Segmentation",
+    "voc": "asap_bench.tasks.contrastive:VocabularyClassification",
+    "ret": "asap_bench.tasks.contrastive:Retrieval",
+    "rg": "asap_bench.tasks.report_generation:ReportGeneration",
+    "vqa": "asap_bench.tasks.vqa:VisualQuestionAnswering",
 }
 
 
