@@ -112,7 +112,7 @@ def test_retrieval_on_the_demo_is_clearly_above_chance(demo_runs):
     assert ret.metrics["recall@5_v2r"] >= max(0.5, 3 * chance_v2r), ret.metrics
     assert ret.metrics["recall@5_r2v"] >= 0.5, ret.metrics
     assert ret.metrics["recall@1_v2r"] <= ret.metrics["recall@5_v2r"] <= ret.metrics["recall@10_v2r"]
-    assert "demo_text_model" in ret.notes["demo"] and "demo_lr" in ret.notes["demo"]
+    assert "text_model" in ret.notes["demo"] and "lr" in ret.notes["demo"]
     assert "every query is a hit" in ret.notes["recall@50_v2r"]  # 50 >= the demo's pool of reports
 
 

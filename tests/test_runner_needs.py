@@ -86,3 +86,13 @@ def test_a_card_file_runs_under_its_own_name(env, tmp_path):
         forget_card("my-vit")
     assert result.exit_code == 0, result.output
     assert "my-vit" in result.output and str(path) not in result.output
+
+
+def test_a_family_that_cannot_be_imported_fails_its_jobs_not_the_run(env, monkeypatch):
+    monkeypatch.setitem(base.FAMILIES, "cls", "families_for_tests:MeanDifference")
+    monkeypatch.setitem(base.FAMILIES, "rg", "no_such_module_anywhere:Family")
+    result = _run(env, "rg/ctrg,cls/stoic", "--ratios", "1")
+    assert result.exit_code == 1, result.output
+    assert "ModuleNotFoundError" in result.output
+    assert json.loads((env["out"] / "random" / "rg__ctrg" / "r1.0_s0.json").read_text())["status"] == "failed"
+    assert json.loads((env["out"] / "random" / "cls__stoic" / "r1.0_s1.json").read_text())["status"] == "ok"

@@ -334,12 +334,17 @@ def run_jobs(jobs: list[Job], options: RunOptions, log: logging.Logger, dry_run:
         groups.setdefault((job.encoder, job.protocol.id), []).append(job)
     for (encoder, _), members in groups.items():
         protocol = members[0].protocol
+        started, t0 = now(), time.perf_counter()
         try:
             family = get_family(protocol)
         except FamilyNotBuilt as reason:
             outcomes += [Outcome(job, "skipped", message=str(reason)) for job in members]
             continue
-        started, t0 = now(), time.perf_counter()
+        except Exception as error:  # a family (e.g. a plug-in's) that cannot be imported fails its jobs only
+            log.error("%s %s: task family cannot be loaded: %s", encoder, protocol.id, error)
+            outcomes += [Outcome(job, "failed", message=f"{type(error).__name__}: {error}".splitlines()[0])
+                         if dry_run else _failed(job, options, None, None, error, started, t0) for job in members]
+            continue
         try:
             group = session.group(encoder, protocol, family)
         except TargetUnavailable as reason:

@@ -76,7 +76,9 @@ class TaskResult:
     notes: dict[str, str] = field(default_factory=dict)
     selected: dict[str, Any] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
-    units: dict[str, Any] | None = None  # per-unit outputs (per case / per label) for paired tests
+    # per-unit outputs for paired tests and recomputation: "ids", "task" (which rule rescores them,
+    # see stats.set_metric) and e.g. "per_case" {metric: [value per id]}, labels and scores
+    units: dict[str, Any] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)  # extra Provenance fields, e.g. text_model
 
 
@@ -96,6 +98,33 @@ class TaskFamily(ABC):
     @abstractmethod
     def run(self, inputs: TaskInputs) -> TaskResult:
         ...
+
+
+def head_params(protocol: Protocol, synthetic: bool, known: set[str]) -> tuple[dict[str, Any], list[str]]:
+    """The head parameters a job uses: on the demo cohort every ``demo_X`` replaces ``X``.
+
+    Returns the parameters (without ``demo_*`` keys) and the names replaced. Unknown keys
+    fail naming the protocol, so a typo never silently falls back to a default.
+    """
+    raw = dict(protocol.head.params)
+    unknown = sorted(k for k in raw if k.removeprefix("demo_") not in known)
+    if unknown:
+        raise ValueError(f"{protocol.id}: unknown head param(s) {unknown}; this family reads {sorted(known)} "
+                         "(each may also be given as demo_<name> for the demo cohort)")
+    params = {k: v for k, v in raw.items() if not k.startswith("demo_")}
+    replaced = []
+    if synthetic:
+        for key, value in raw.items():
+            if key.startswith("demo_"):
+                params[key.removeprefix("demo_")] = value
+                replaced.append(key.removeprefix("demo_"))
+    return params, sorted(replaced)
+
+
+def demo_note(replaced: list[str]) -> str:
+    """What a record's notes say when demo settings replaced the protocol's."""
+    return ("demo cohort: the protocol's demo_* settings replace " + ", ".join(replaced) +
+            "; the numbers exercise the code path and are not comparable with the paper") if replaced else ""
 
 
 # family -> implementation; a protocol whose family is missing here is reported as skipped

@@ -49,7 +49,7 @@ from ..metrics.classification import score_outputs
 from ..metrics.retrieval import parse_metric, per_query_hits, score_units, truth_ranks
 from ..protocol import Protocol
 from ..schema import content_hash
-from .base import TaskFamily, TaskInputs, TaskResult
+from .base import TaskFamily, TaskInputs, TaskResult, demo_note, head_params
 from .linear_probe import _jsonable, feature_matrix
 
 MAX_LOG_SCALE = math.log(100.0)  # CLIP's cap on the logit scale
@@ -106,19 +106,10 @@ class ContrastiveParams:
         if head.kind != "contrastive_projection":
             raise ValueError(f"{pid}: the {protocol.family} family trains head kind 'contrastive_projection', "
                              f"not {head.kind!r}")
-        raw = dict(head.params)
-        known = set(CHOICES) | {f"demo_{k}" for k in CHOICES}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"{pid}: unknown head param(s) {unknown}; known: {sorted(CHOICES)} "
-                             "(each may have a demo_ variant used on the synthetic demo cohort)")
-        used_demo = []
+        raw, used_demo = head_params(protocol, synthetic, set(CHOICES))
         values = {}
         for key, (default, allowed) in CHOICES.items():
             value = raw.get(key, default)
-            if synthetic and f"demo_{key}" in raw:
-                value = raw[f"demo_{key}"]
-                used_demo.append(key)
             if value is None:
                 raise ValueError(f"{pid}: head.params.{key} is required")
             if allowed is not None and value not in allowed:
@@ -314,8 +305,7 @@ class _Contrastive(TaskFamily):
         params = ContrastiveParams.from_protocol(protocol, manifest.synthetic)
         notes: dict[str, str] = {}
         if params.demo_keys:
-            notes["demo"] = ("synthetic demo cohort: head params " + ", ".join(f"demo_{k}" for k in params.demo_keys)
-                             + " used in place of the paper's; scores are not comparable to real runs")
+            notes["demo"] = demo_note(list(params.demo_keys))
         split = inputs.split
         train_ids, val_ids, test_ids = list(inputs.train), list(split.val), list(split.test)
         if not train_ids:

@@ -29,9 +29,9 @@ from torch import nn
 from ..metrics.text import (BertScore, BertScoreSettings, BleuSettings, corpus_bleu_scores, sentence_bleu_scores,
                             text_units)
 from ..protocol import Protocol
-from .base import TaskFamily, TaskInputs, TaskResult
-from .text_decoding import (Vocabulary, batches, beam_decode, check_tokens, demo_note, grid_from_visual_tokens,
-                            head_params, load_tokenizer, make_optimizer, pad_batch, require, warmup_cosine)
+from .base import TaskFamily, TaskInputs, TaskResult, demo_note, head_params
+from .text_decoding import (Vocabulary, batches, beam_decode, check_tokens, grid_from_visual_tokens,
+                            load_tokenizer, make_optimizer, pad_batch, require, warmup_cosine)
 
 PARAMS = {"architecture", "text_column", "tokenizer", "visual_tokens", "encoder_layers", "decoder_layers", "d_model",
           "n_heads", "d_ff", "dropout", "max_len", "optimizer", "lr", "weight_decay", "lr_schedule", "warmup_epochs",

@@ -37,9 +37,10 @@ from monai.losses import DiceCELoss
 
 from ..data.seg_volumes import SegVolume, SegVolumeCache
 from ..metrics.segmentation import dice_per_case, score_case, summarise
+from ..protocol import Protocol
 from ..runner import distributed
 from ..schema import content_hash
-from .base import TaskFamily, TaskInputs, TaskResult
+from .base import TaskFamily, TaskInputs, TaskResult, demo_note, head_params
 from .unetr import EncoderUNETR
 
 # head.params the family reads; anything else in a protocol is a typo and an error
@@ -68,15 +69,11 @@ DEFAULTS: dict[str, Any] = {
 CHECKPOINT = "train_state.pt"
 
 
-def head_settings(params: dict[str, Any], synthetic: bool, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The effective settings and the demo overrides used (``demo_<key>`` replaces ``<key>`` on synthetic data)."""
-    unknown = sorted(k for k in params if (k[5:] if k.startswith("demo_") else k) not in DEFAULTS)
-    if unknown:
-        raise ValueError(f"{where}: head.params has unknown key(s) {unknown}; known: {sorted(DEFAULTS)} "
-                         "(and demo_<key> for the demo cohort)")
-    settings = {**DEFAULTS, **{k: v for k, v in params.items() if not k.startswith("demo_")}}
-    demo = {k[5:]: v for k, v in params.items() if k.startswith("demo_")} if synthetic else {}
-    settings.update(demo)
+def head_settings(protocol: Protocol, synthetic: bool) -> tuple[dict[str, Any], list[str]]:
+    """The effective settings, defaults filled in, and the names the demo settings replaced."""
+    where = f"protocol {protocol.id}"
+    params, replaced = head_params(protocol, synthetic, set(DEFAULTS))
+    settings = {**DEFAULTS, **params}
     if settings["loss"] != "dice_ce" or settings["optimizer"] != "adamw":
         raise ValueError(f"{where}: head.params loss/optimizer must be 'dice_ce'/'adamw', got "
                          f"{settings['loss']!r}/{settings['optimizer']!r}")
@@ -84,7 +81,7 @@ def head_settings(params: dict[str, Any], synthetic: bool, where: str) -> tuple[
         if int(settings[key]) < 1:
             raise ValueError(f"{where}: head.params {key} must be a positive integer, got {settings[key]!r}")
     settings["checkpoint_every"] = int(settings["checkpoint_every"] or settings["val_every"])
-    return settings, demo
+    return settings, replaced
 
 
 def _tolerances(value: Any, structures: dict[int, str], where: str) -> dict[int, float]:
@@ -333,11 +330,10 @@ class Segmentation(TaskFamily):
                               notes={"not_applicable": f"encoder {card.name!r} has no UNETR segmentation: "
                                                        f"{card.segmentation.reason}"})
         where = f"protocol {protocol.id}"
-        settings, demo = head_settings(protocol.head.params, inputs.manifest.synthetic, where)
+        settings, replaced = head_settings(protocol, inputs.manifest.synthetic)
         notes: dict[str, str] = {}
-        if demo:
-            notes["demo_settings"] = ("synthetic demo cohort: demo_* head.params used instead of the protocol's "
-                                      + ", ".join(f"{k}={v}" for k, v in sorted(demo.items())))
+        if replaced:
+            notes["demo"] = demo_note(replaced)
         structures = dict(sorted(inputs.manifest.table.mask.items()))
         labels, n_classes = list(structures), max(structures) + 1
         tolerances = _tolerances(settings["nsd_tolerance_mm"], structures, where)

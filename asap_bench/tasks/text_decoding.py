@@ -16,36 +16,9 @@ import numpy as np
 import torch
 
 from ..encoders.text import TextModelError, resolve_text_model, text_model_sha256
-from ..protocol import Protocol
 
 
 # --------------------------------------------------------------------------- settings
-
-def head_params(protocol: Protocol, synthetic: bool, known: set[str]) -> tuple[dict[str, Any], list[str]]:
-    """The head parameters a job uses: on the demo cohort every ``demo_X`` replaces ``X``.
-
-    Returns the parameters (without ``demo_*`` keys) and the names replaced. Unknown keys
-    fail naming the protocol, so a typo never silently falls back to a default.
-    """
-    raw = dict(protocol.head.params)
-    unknown = sorted(k for k in raw if k.removeprefix("demo_") not in known)
-    if unknown:
-        raise ValueError(f"{protocol.id}: unknown head param(s) {unknown}; this family reads {sorted(known)} "
-                         "(each may also be given as demo_<name> for the demo cohort)")
-    params = {k: v for k, v in raw.items() if not k.startswith("demo_")}
-    replaced = []
-    if synthetic:
-        for key, value in raw.items():
-            if key.startswith("demo_"):
-                params[key.removeprefix("demo_")] = value
-                replaced.append(key.removeprefix("demo_"))
-    return params, sorted(replaced)
-
-
-def demo_note(replaced: list[str]) -> str:
-    return ("demo cohort: the protocol's demo_* settings replace " + ", ".join(replaced) +
-            "; the numbers exercise the code path and are not comparable with the paper") if replaced else ""
-
 
 def require(params: Mapping[str, Any], key: str, where: str) -> Any:
     if key not in params:

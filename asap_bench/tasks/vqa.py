@@ -40,9 +40,9 @@ from ..metrics.text import (BertScore, BertScoreSettings, BleuSettings, exact_ma
                             recompute_text, rouge_l, text_units)
 from ..protocol import Protocol
 from ..schema import content_hash
-from .base import TaskFamily, TaskInputs, TaskResult
+from .base import TaskFamily, TaskInputs, TaskResult, demo_note, head_params
 from .report_generation import text_provenance
-from .text_decoding import (batches, check_tokens, demo_note, grid_from_visual_tokens, head_params, load_tokenizer,
+from .text_decoding import (batches, check_tokens, grid_from_visual_tokens, load_tokenizer,
                             make_optimizer, require, warmup_cosine)
 
 PARAMS = {"language_model", "chat_template", "visual_tokens", "n_query_tokens", "qformer_layers", "qformer_hidden",
