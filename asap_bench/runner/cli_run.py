@@ -61,6 +61,13 @@ def summarise(outcomes: list[Outcome]) -> list[dict]:
     return list(rows.values())
 
 
+def _quiet_libraries() -> None:
+    """Text models load from local folders in a second; transformers' per-load weight bars are noise here."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _encoder_names(encoders: list[str]) -> list[str]:
     """Names as given; a card file (``my-encoder.yaml``) is registered for this process and runs under its name."""
     from ..encoders.registry import register_card
@@ -89,6 +96,7 @@ def execute(encoders: list[str], tasks: tuple[str, ...], seeds: list[int] | None
         quiet = quiet or distributed.rank() > 0
         options.progress = not quiet
     log, log_path = setup_log(out, quiet, distributed.rank())
+    _quiet_libraries()
     log.info("run: %d jobs, data %s (%s), variant %s, device %s, %d process(es)", len(jobs), root,
              "demo" if synthetic else "real", options.variant, options.device, distributed.world())
     start = time.perf_counter()
