@@ -50,6 +50,17 @@ def test_concentric_spheres_match_analytic_and_scipy():
     assert wide.structures["nsd"]["ball"] > 0.95
 
 
+@pytest.mark.parametrize("tolerance", [1.0, 2.0, 3.5])
+def test_nsd_matches_an_independent_surface_count(tolerance):
+    """NSD = boundary points of either mask within ``tolerance`` mm of the other boundary / all boundary points."""
+    a, b = sphere(SHAPE, CENTRE, 10.0), sphere(SHAPE, (26.0, 23.0, 28.0), 9.0)
+    d_ab, d_ba = surface_distances(a, b, SPACING), surface_distances(b, a, SPACING)
+    independent = ((d_ab <= tolerance).sum() + (d_ba <= tolerance).sum()) / (len(d_ab) + len(d_ba))
+    assert 0.05 < independent < 0.95  # a partial agreement, not a trivial 0 or 1
+    nsd = score_case(b, a, {1: "ball"}, SPACING, {1: tolerance}).structures["nsd"]["ball"]
+    assert nsd == pytest.approx(independent, abs=1e-6)
+
+
 def test_spacing_scales_distances():
     a, b = sphere(SHAPE, CENTRE, 10.0), sphere(SHAPE, (24.0, 24.0, 30.0), 10.0)  # shifted 6 mm = 3 slices
     coarse = score_case(a, b, {1: "ball"}, SPACING, {1: 1.0}).structures["hd95"]["ball"]
