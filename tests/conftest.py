@@ -63,3 +63,14 @@ def demo_root(tmp_path_factory) -> Path:
     print(f"\ndemo cohort built in {seconds:.1f} s")
     assert seconds < 120
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for small sequential models: on 2 cores a second thread mostly adds contention."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

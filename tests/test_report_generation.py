@@ -26,13 +26,7 @@ NORMAL_TEMPLATE = ("No medical device is seen. Heart size is normal. No pericard
                    "seen. No ground-glass opacity. No consolidation. No emphysema. No pleural effusion.")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine a second thread only adds contention (3-5x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def with_params(protocol_id: str, **params):

@@ -20,13 +20,7 @@ from asap_bench.tasks.vqa import QFormer, VisualQuestionAnswering, VQAParams, st
 TYPES = ("abnormality", "location", "size", "presence", "disorder")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine a second thread only adds contention (3-5x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def with_params(**params):
