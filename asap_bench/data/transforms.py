@@ -42,6 +42,19 @@ def _axis_permutation(axis_order: str) -> tuple[int, ...]:
     return (0, *(1 + "HWD".index(axis) for axis in axis_order))
 
 
+def _size(spec: InputSpec, keys: list[str]) -> list[mt.Transform]:
+    """Bring ``keys`` to ``spec.size``: resample, or crop / pad (a mask pads with background)."""
+    if spec.resize == "resize":
+        modes = ("trilinear", "nearest")[: len(keys)]
+        return [mt.Resized(keys, spatial_size=spec.size, mode=modes)]
+    pad = spec.pad_value if spec.pad_value is not None else (spec.value_range or (0.0,))[0]
+    steps = [mt.ResizeWithPadOrCropd(["image"], spatial_size=spec.size, mode=spec.pad_mode,
+                                     **({"value": pad} if spec.pad_mode == "constant" else {}))]
+    if "mask" in keys:
+        steps.append(mt.ResizeWithPadOrCropd(["mask"], spatial_size=spec.size, mode="constant", value=0))
+    return steps
+
+
 def build_preprocessing(spec: InputSpec, with_mask: bool = False, load: bool = True,
                         whole_volume: bool = False) -> mt.Compose:
     """Dictionary transform: file path(s) under ``image`` (and ``mask``) -> tensors the encoder takes.
@@ -61,17 +74,8 @@ def build_preprocessing(spec: InputSpec, with_mask: bool = False, load: bool = T
         modes = ("bilinear", "nearest")[: len(keys)]
         steps.append(mt.Spacingd(keys, pixdim=spec.spacing, mode=modes))
     steps += _intensity(spec, image)
-    if whole_volume:
-        pass  # no size step: the consumer crops or slides a window over the whole volume
-    elif spec.resize == "resize":
-        modes = ("trilinear", "nearest")[: len(keys)]
-        steps.append(mt.Resized(keys, spatial_size=spec.size, mode=modes))
-    else:
-        pad = spec.pad_value if spec.pad_value is not None else (spec.value_range or (0.0,))[0]
-        steps.append(mt.ResizeWithPadOrCropd(image, spatial_size=spec.size, mode=spec.pad_mode,
-                                             **({"value": pad} if spec.pad_mode == "constant" else {})))
-        if with_mask:
-            steps.append(mt.ResizeWithPadOrCropd(["mask"], spatial_size=spec.size, mode="constant", value=0))
+    if not whole_volume:  # a whole volume keeps its size: the consumer crops or slides a window over it
+        steps += _size(spec, keys)
     if spec.mean is not None:
         steps.append(mt.NormalizeIntensityd(image, subtrahend=spec.mean, divisor=spec.std))
     if spec.axis_order != "HWD":
