@@ -11,6 +11,7 @@ import click
 import yaml
 
 from . import __version__
+from .data.cache_kinds import KINDS as CACHE_KINDS
 
 # Errors a user can cause with bad input: reported as one clear message, exit 1.
 def _user_errors():
@@ -109,6 +110,7 @@ def protocols_validate(paths: tuple[Path, ...]) -> None:
     given = {f"{f.parent.name}/{f.stem}": f for f in files}
     lookup = lambda pid: read_yaml(given[pid]) if pid in given else shipped_raw(pid)  # noqa: E731
     loaded, path_of, failures = {}, {}, 0
+    by_id: dict[str, list[Path]] = {}
     for path in files:
         try:
             protocol = load_protocol_file(path, lookup)
@@ -116,7 +118,15 @@ def protocols_validate(paths: tuple[Path, ...]) -> None:
             failures += 1
             click.echo(f"FAIL {err}", err=True)
             continue
+        by_id.setdefault(protocol.id, []).append(path)
         loaded[protocol.id], path_of[protocol.id] = protocol, path
+    for pid, paths_with_id in by_id.items():  # one id, one file: a second would silently shadow the first
+        if len(paths_with_id) > 1:
+            loaded.pop(pid, None)
+            for path in paths_with_id:
+                failures += 1
+                others = ", ".join(str(o) for o in paths_with_id if o != path)
+                click.echo(f"FAIL {path}: field 'id': duplicate id {pid!r}, also in {others}", err=True)
     # cross-file references resolve against the shipped set plus the files given
     known = {**shipped_protocols(), **loaded} if paths else loaded
     for pid in list(loaded):
@@ -254,12 +264,54 @@ def datasets_download(name: str, out: Path, patterns: tuple[str, ...], volumes: 
 # --------------------------------------------------------------------------- run
 
 def _seed_list(seeds: int | None, seed_list: str | None) -> list[int] | None:
-    if seed_list:
+    if seed_list is not None:
         try:
-            return [int(s) for s in seed_list.split(",") if s.strip()]
+            values = [int(s) for s in seed_list.split(",") if s.strip()]
         except ValueError:
             raise click.BadParameter(f"expected comma-separated integers, got {seed_list!r}", param_hint="--seed-list")
+        bad = [v for v in values if v < 0]
+        if not values or bad:
+            raise click.BadParameter(f"expected non-negative seeds, got {seed_list!r}", param_hint="--seed-list")
+        if len(set(values)) != len(values):
+            raise click.BadParameter(f"seed listed twice in {seed_list!r}", param_hint="--seed-list")
+        return values
     return list(range(seeds)) if seeds is not None else None
+
+
+def _ratio_list(ratios: str | None, tasks: tuple[str, ...]) -> list[float] | None:
+    """``--ratios``: label fractions in (0, 1], each a regime of at least one selected protocol."""
+    if ratios is None:
+        return None
+    try:
+        values = [float(r) for r in ratios.split(",") if r.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated fractions such as 0.01,1, got {ratios!r}",
+                                 param_hint="--ratios") from None
+    out_of_range = [v for v in values if not 0 < v <= 1]
+    if not values or out_of_range:
+        raise click.BadParameter(f"expected label fractions in (0, 1] such as 0.01,0.1,1, got {ratios!r}",
+                                 param_hint="--ratios")
+    from .protocol import select_protocols
+
+    regimes = sorted({r for p in select_protocols(tasks) for r in p.regimes})
+    unknown = [v for v in values if not any(abs(v - r) < 1e-12 for r in regimes)]
+    if unknown:
+        raise click.BadParameter(f"{', '.join(f'{v:g}' for v in unknown)} is not a label regime of the selected "
+                                 f"protocols (their regimes: {', '.join(f'{r:g}' for r in regimes)})",
+                                 param_hint="--ratios")
+    return values
+
+
+def _check_encoders(names: list[str]) -> None:
+    """Every name is a known encoder or a card file, before any record is written under it."""
+    from .encoders.registry import get_card
+
+    for name in names:
+        if name.endswith((".yaml", ".yml")):
+            if not Path(name).is_file():
+                raise click.BadParameter(f"card file {name} does not exist", param_hint="--encoder")
+        else:
+            get_card(name)  # unknown names raise KeyError with the closest matches
 
 
 @main.command()
@@ -267,7 +319,7 @@ def _seed_list(seeds: int | None, seed_list: str | None) -> list[int] | None:
               help="Encoder name or card YAML; repeat or comma-separate for several.")
 @click.option("--task", "tasks", multiple=True, default=("all",), show_default=True,
               help="'all', a family (cls), a glob ('seg/*') or ids; repeat or comma-separate.")
-@click.option("--seeds", type=int, help="Seeds 0..N-1 (default: each protocol's own, 5).")
+@click.option("--seeds", type=click.IntRange(min=1), help="Seeds 0..N-1 (default: each protocol's own, 5).")
 @click.option("--seed-list", help="Explicit seeds, e.g. 0,3,7.")
 @click.option("--ratios", help="Only these regimes, e.g. 0.01,1.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Weights file (default: the card's sources).")
@@ -275,19 +327,22 @@ def _seed_list(seeds: int | None, seed_list: str | None) -> list[int] | None:
 @click.option("--out", type=click.Path(path_type=Path), help="Records folder (default: results/runs/<data>).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--variant", help="Encoder size: native, or demo (default: demo on the demo cohort, else native).")
-@click.option("--batch-size", type=int, default=2, show_default=True, help="Volumes per extraction batch.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Volumes per extraction batch.")
 @click.option("--interpolate-pos", is_flag=True, help="Resample position embeddings when the input grid differs.")
 @click.option("--force", is_flag=True, help="Rerun jobs that already have a valid record.")
 @click.option("--dry-run", is_flag=True, help="Print the job matrix and what is already done; run nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-job lines; the summary only.")
 @click.option("--launcher", type=click.Choice(["local", "torchrun", "slurm"]), default="local", show_default=True,
               help="torchrun: data-parallel in --nproc processes; slurm: one job per (encoder, task) via submitit.")
-@click.option("--nproc", type=int, default=2, show_default=True, help="Processes for --launcher torchrun.")
+@click.option("--nproc", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Processes for --launcher torchrun.")
 @click.option("--slurm-partition", help="SLURM partition.")
-@click.option("--slurm-gpus", type=int, default=0, show_default=True, help="GPUs per SLURM job.")
-@click.option("--slurm-time", type=int, default=240, show_default=True, help="Minutes per SLURM job (requeued on timeout).")
-@click.option("--slurm-cpus", type=int, default=4, show_default=True)
-@click.option("--slurm-mem-gb", type=int, default=32, show_default=True)
+@click.option("--slurm-gpus", type=click.IntRange(min=0), default=0, show_default=True, help="GPUs per SLURM job.")
+@click.option("--slurm-time", type=click.IntRange(min=1), default=240, show_default=True,
+              help="Minutes per SLURM job (requeued on timeout).")
+@click.option("--slurm-cpus", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--slurm-mem-gb", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--slurm-folder", type=click.Path(path_type=Path), help="submitit logs (default: <out>/slurm).")
 @click.option("--slurm-cluster", type=click.Choice(["slurm", "local", "debug"]), default="slurm", hidden=True)
 @click.pass_context
@@ -300,18 +355,20 @@ def run(ctx, encoders, tasks, seeds, seed_list, ratios, checkpoint, data_root, o
     from .runner.distributed import launched_by_torchrun
     from .runner.launch import SlurmOptions, torchrun_command
 
+    names = [n.strip() for e in encoders for n in e.split(",") if n.strip()]
+    _check_encoders(names)
+    seed_values = _seed_list(seeds, seed_list)
+    ratio_list = _ratio_list(ratios, tasks)
     if launcher == "torchrun" and not launched_by_torchrun():
         import subprocess
 
         forwarded = _forward_args(ctx, drop={"launcher", "nproc"})
         sys.exit(subprocess.run(torchrun_command(forwarded, nproc)).returncode)
-    names = [n.strip() for e in encoders for n in e.split(",") if n.strip()]
-    ratio_list = [float(r) for r in ratios.split(",")] if ratios else None
     slurm = None
     if launcher == "slurm":
         slurm = SlurmOptions(folder=slurm_folder, partition=slurm_partition, gpus=slurm_gpus, cpus=slurm_cpus,
                              mem_gb=slurm_mem_gb, minutes=slurm_time, cluster=slurm_cluster)
-    code = execute(names, tasks, _seed_list(seeds, seed_list), ratio_list, checkpoint, data_root, out, device,
+    code = execute(names, tasks, seed_values, ratio_list, checkpoint, data_root, out, device,
                    variant, batch_size, interpolate_pos, force, dry_run, quiet, slurm)
     sys.exit(code)
 
@@ -363,27 +420,29 @@ def report(fmt, source, records_dirs, metric, family, regime, encoders, out, fig
 
 @main.group()
 def cache() -> None:
-    """The content-keyed volume and feature caches."""
+    """The content-keyed caches: volumes, segmentation volumes, features, text embeddings."""
 
 
 @cache.command("ls")
 @friendly
 def cache_ls() -> None:
-    """List cache entries: kind, key, what they hold, size."""
+    """List cache entries: kind, key, what they hold, size, and whether they are whole."""
     from .data.cache import cache_root, entries
 
     rows = [{"kind": e["kind"], "key": e["key"][:12], "encoder": e.get("encoder", "-"),
-             "data": f"{e.get('dataset')}/{e.get('table')}", "MB": f"{e['bytes'] / 2**20:.1f}",
-             "created": e.get("created", "")} for e in entries()]
-    click.echo(_table(rows, ["kind", "key", "encoder", "data", "MB", "created"]))
-    click.echo(f"\n{len(rows)} entries under {cache_root()}")
+             "data": f"{e.get('dataset', '?')}/{e.get('table', '?')}", "MB": f"{e['bytes'] / 2**20:.1f}",
+             "created": e.get("created", ""), "state": e["state"]} for e in entries()]
+    click.echo(_table(rows, ["kind", "key", "encoder", "data", "MB", "created", "state"]))
+    damaged = sum(r["state"] != "ok" for r in rows)
+    click.echo(f"\n{len(rows)} entries under {cache_root()}"
+               + (f"; {damaged} damaged (rebuilt when next needed, or `asap-bench cache clear`)" if damaged else ""))
 
 
 @cache.command("clear")
-@click.option("--kind", type=click.Choice(["volumes", "features"]), help="Only this kind.")
+@click.option("--kind", type=click.Choice(CACHE_KINDS), help="Only this kind.")
 @friendly
 def cache_clear(kind: str | None) -> None:
-    """Remove cache entries (the demo cohort is kept)."""
+    """Remove cache entries, damaged ones included (the demo cohort is kept)."""
     from .data.cache import cache_root, clear
 
     click.echo(f"removed {clear(kind=kind)} entries from {cache_root()}")

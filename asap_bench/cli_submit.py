@@ -23,7 +23,7 @@ from .cli import friendly
               help="Prepared data (default: $ASAP_BENCH_DATA or the demo cohort).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--variant", help="Encoder size: native, or demo (default: demo on the demo cohort without weights).")
-@click.option("--batch-size", type=int, default=2, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--interpolate-pos", is_flag=True, help="Resample position embeddings when the input grid differs.")
 @click.option("--min-coverage", type=float, default=0.95, show_default=True,
               help="Least share of the module's weights the checkpoint must fill.")
@@ -53,13 +53,27 @@ def leaderboard() -> None:
 @click.option("--allow-protocol-version", "allow", multiple=True,
               help="Accept records of an older protocol version: ID@VERSION or ID@FINGERPRINT; repeatable.")
 @click.option("--replace", is_flag=True, help="Replace the results of an encoder already on the leaderboard.")
+@click.option("--verify-rerun", "rerun_jobs", type=click.IntRange(min=1), metavar="K",
+              help="Rerun K randomly chosen jobs from the bundle's card and checkpoint; refuse unless every metric "
+                   "matches to 1e-6.")
+@click.option("--rerun-seed", type=click.IntRange(min=0), help="Seed of the rerun's choice (default: drawn, printed).")
+@click.option("--checkpoint", type=click.Path(path_type=Path),
+              help="For --verify-rerun: the bundle's checkpoint (must match its sealed sha256).")
+@click.option("--data-root", type=click.Path(path_type=Path),
+              help="For --verify-rerun: the data the bundle was made on (default: $ASAP_BENCH_DATA, or the demo "
+                   "cohort for a demo bundle).")
+@click.option("--device", default="cpu", show_default=True, help="For --verify-rerun: where the jobs rerun.")
 @friendly
-def leaderboard_add(bundle, root, allow, replace) -> None:
-    """Verify BUNDLE (hashes, schema, protocol versions, seeds, metrics vs units) and merge it."""
+def leaderboard_add(bundle, root, allow, replace, rerun_jobs, rerun_seed, checkpoint, data_root, device) -> None:
+    """Verify BUNDLE (files, hashes, schema, protocol versions, seeds, metrics vs units) and merge it."""
     from .submit.leaderboard import add
+    from .submit.rerun import RerunOptions
 
+    if rerun_jobs is None and (rerun_seed is not None or checkpoint or data_root):
+        raise click.UsageError("--rerun-seed, --checkpoint and --data-root go with --verify-rerun K")
+    rerun = RerunOptions(rerun_jobs, rerun_seed, checkpoint, data_root, device) if rerun_jobs else None
     verified, board = add(bundle, root=root, allow=[a for value in allow for a in value.split(",") if a.strip()],
-                          replace=replace)
+                          replace=replace, rerun=rerun, echo=click.echo)
     info = verified.info
     ran = sorted(p for p, e in info.protocols.items() if e.status == "ran")
     click.echo(f"verified {bundle}: {len(verified.records)} records of {len(ran)} protocol(s) x seeds {info.seeds}; "

@@ -14,14 +14,13 @@ two parts. Splits are written as JSON files with a content hash and reused.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from . import files
 from .data.manifest import Manifest, label_matrix
 from .protocol import Protocol
 from .schema import content_hash
@@ -269,16 +268,7 @@ def split_path(directory: Path, protocol: Protocol, seed: int) -> Path:
 
 def write_json_atomic(path: Path, payload: dict) -> None:
     """Write JSON through a temp file and a rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(payload, out, indent=1, sort_keys=True)
-            out.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    files.write_atomic(path, json.dumps(payload, indent=1, sort_keys=True) + "\n")
 
 
 def read_split(path: Path) -> Split:

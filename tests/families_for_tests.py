@@ -66,7 +66,7 @@ class TokenMean(MeanDifference):
 class FineTune(TaskFamily):
     """Builds the encoder, 'trains' in resumable steps kept in the work folder, scores its weights.
 
-    ``ASAP_TEST_STOP_AT`` makes the first attempt die at that step, so a rerun must resume.
+    ``ASAP_TEST_STOP_AT`` interrupts the first attempt at that step (as Ctrl-C does), so a rerun must resume.
     """
 
     name = "seg"
@@ -85,7 +85,7 @@ class FineTune(TaskFamily):
         done["starts"].append(done["step"])
         for step in range(done["step"], 10):
             if os.environ.get("ASAP_TEST_STOP_AT") == str(step) and len(done["starts"]) == 1:
-                raise RuntimeError(f"killed at step {step}")
+                raise KeyboardInterrupt(f"interrupted at step {step}")
             done["step"] = step + 1
             state.write_text(json.dumps(done))
         weight = float(next(first.parameters()).detach().abs().sum())

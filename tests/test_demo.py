@@ -33,8 +33,9 @@ def frame(root: Path, dataset: str, table: str = "volumes") -> pd.DataFrame:
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
+    """What the generator wrote; split files (``_splits/``) are written by runs on the shared cohort."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.relative_to(root).parts[0] != "_splits"}
 
 
 # --------------------------------------------------------------------------- format

@@ -1,4 +1,14 @@
-"""Data-parallel UNETR fine-tuning under torchrun (2 processes, gloo) equals one process."""
+"""Data-parallel UNETR fine-tuning under torchrun (2 processes, gloo) equals one process, bit for bit.
+
+Each item of a step (one volume's crops) gets its own forward and backward pass
+in both runs, so every item's gradient comes from the same kernels on the same
+shapes; with one item per rank the only sum left, DDP's average of two
+gradients, is exact. One batch of all crops in one process would not match:
+the batch size changes the rounding of the convolution gradients, instance
+normalisation magnifies it to about 1e-3 in the ViT, AdamW's first steps
+(close to ``lr * sign(gradient)``) make weights differ by up to 3 x lr, and a
+near-random prediction's HD95 moves by 1e-2 mm with a few voxels.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +17,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 import asap_bench
 
@@ -53,7 +61,7 @@ if distributed.rank() == 0:
     out.write_text(json.dumps({"metrics": result.metrics, "selected": result.selected,
                                "history": result.units["training"]["history"],
                                "processes": result.units["training"]["processes"],
-                               "ids": result.units["ids"]}))
+                               "ids": result.units["ids"], "per_case": result.units["per_case"]}))
 distributed.shutdown()
 '''
 
@@ -77,7 +85,7 @@ def test_torchrun_two_processes_match_one(demo_root, tmp_path):
     assert (one["processes"], two["processes"]) == (1, 2)
     assert one["selected"]["volumes_per_step"] == two["selected"]["volumes_per_step"] == 2
     assert [h["step"] for h in two["history"]] == [h["step"] for h in one["history"]] == [2]
-    assert two["history"][0]["loss"] == pytest.approx(one["history"][0]["loss"], abs=1e-4)
+    assert two["history"] == one["history"]  # the loss is the mean over all items, on every rank
     assert two["ids"] == one["ids"] and len(one["ids"]) == 2
-    for metric, value in one["metrics"].items():
-        assert two["metrics"][metric] == pytest.approx(value, abs=1e-3), metric
+    assert two["per_case"] == one["per_case"]
+    assert two["metrics"] == one["metrics"]

@@ -16,6 +16,8 @@ by one generic mechanism.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
 import gzip
 import hashlib
@@ -36,6 +38,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from .. import files
 from . import phantom as ph
 from .cards import dataset_names, load_card
 from .phantom import T, Scanner
@@ -822,9 +825,7 @@ def _is_current(out: Path) -> bool:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    files.write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _default_workers() -> int:
@@ -834,19 +835,66 @@ def _default_workers() -> int:
     return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
 
 
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+_NO_EXCHANGE = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM}
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two paths in one step (Linux ``renameat2`` with ``RENAME_EXCHANGE``); OSError where unsupported."""
+    rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if rename is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+    if rename(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Put the cohort at ``new`` in place of ``out``; afterwards ``new`` holds the old one, or nothing.
+
+    One atomic exchange where the file system has it, so ``out`` is always a complete
+    cohort; elsewhere two renames, and ``_recover`` closes the gap between them.
+    """
+    if not out.exists():
+        os.replace(new, out)
+        return
+    try:
+        _exchange(new, out)
+        return
+    except OSError as error:
+        if error.errno not in _NO_EXCHANGE:
+            raise
+    old = out.with_name(f".{out.name}.tmp-old-{os.getpid()}")
+    os.replace(out, old)
+    os.replace(new, out)
+    os.replace(old, new)
+
+
+def _recover(out: Path) -> None:
+    """Put back the cohort that a rebuild killed between its two renames had moved aside."""
+    if out.exists():
+        return
+    for old in sorted(out.parent.glob(f".{out.name}.tmp-old-*")):
+        if read_marker(old) is not None:
+            os.replace(old, out)
+            return
+
+
 def build_demo(out: Path | str, *, force: bool = False, workers: int | None = None) -> Path:
     """Write the demo cohort to ``out`` unless a complete one of this version is there.
 
-    The cohort is built in a temporary sibling folder and renamed into place, so a
-    crash leaves nothing half-written under ``out``; a file lock lets concurrent
-    callers wait for one build instead of racing. A non-empty ``out`` that is not
-    a demo cohort is never overwritten.
+    The cohort is built in a temporary sibling folder and swapped into place, so a
+    crash leaves nothing half-written under ``out``, and a rebuild killed at any point
+    leaves the old or the new cohort there (or, without an atomic exchange, beside it,
+    put back by the next call); a file lock lets concurrent callers wait for one build
+    instead of racing. A non-empty ``out`` that is not a demo cohort is never overwritten.
     """
     out = Path(out).expanduser().absolute()
     if not force and _is_current(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with _locked(out):
+        _recover(out)
         if not force and _is_current(out):
             return out
         if out.exists() and not is_demo_root(out) and (not out.is_dir() or any(out.iterdir())):
@@ -859,14 +907,8 @@ def build_demo(out: Path | str, *, force: bool = False, workers: int | None = No
             counts = generate(tmp, workers or _default_workers())
             _write_json_atomic(tmp / MARKER, {"synthetic": True, "generator_version": GENERATOR_VERSION,
                                               "seed": SEED, "datasets": counts})
-            if out.exists():
-                old = out.with_name(f".{out.name}.tmp-old-{os.getpid()}")
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        finally:
+            _swap_in(tmp, out)
+        finally:  # the old cohort, or a build that failed
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return out

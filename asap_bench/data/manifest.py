@@ -9,9 +9,11 @@ every cache and split built from it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 
 import pandas as pd
 
@@ -165,6 +167,47 @@ def content_hashing_requested() -> bool:
     return os.environ.get("ASAP_BENCH_HASH_CONTENT", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+_SHA256_SEEN: dict[tuple, str] = {}
+
+
+def _content_sha256(path: Path, stat: os.stat_result) -> str:
+    """``file_sha256``, read once per process while the file's inode, size, mtime and ctime stay the same
+    (ctime moves on any write or ``utime``, so a rewrite that restores the mtime is read again)."""
+    seen = (str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if seen not in _SHA256_SEEN:
+        _SHA256_SEEN[seen] = file_sha256(path)
+    return _SHA256_SEEN[seen]
+
+
+def file_identity(manifest: Manifest, relative: str, content: bool | None = None) -> dict:
+    """What a cache entry made from one file is keyed on: its path relative to the dataset folder, size and
+    mtime_ns, and its sha256 with content hashing. Copies that keep mtimes (``cp -p``, ``rsync -a``) keep
+    the identity; a replaced, touched, truncated or deleted file (size and mtime -1) gets a new one."""
+    content = content_hashing_requested() if content is None else content
+    path = manifest.folder / relative
+    try:
+        stat = path.stat()
+    except OSError:
+        return {"path": relative, "size": -1, "mtime_ns": -1}
+    identity = {"path": relative, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if content:
+        identity["sha256"] = _content_sha256(path, stat) if S_ISREG(stat.st_mode) else None
+    return identity
+
+
+def files_identity(manifest: Manifest, files: list[str] | None = None, content: bool | None = None) -> str:
+    """One hash of the identity of ``files`` (default: every image and mask the manifest references).
+
+    A stat per file. Unlike ``data_fingerprint`` it moves when a file is rewritten with the same
+    size, so it belongs in keys that must never serve a result computed from an older file.
+    """
+    files = _referenced_files(manifest) if files is None else files
+    digest = hashlib.sha256(manifest.sha256.encode())
+    for relative in files:
+        digest.update(json.dumps(file_identity(manifest, relative, content), sort_keys=True).encode() + b"\n")
+    return digest.hexdigest()
+
+
 def fingerprint_details(manifest: Manifest, content: bool | None = None) -> dict:
     """What a data fingerprint is made of: the label table's hash and every referenced file with its size
     (and its sha256 when ``content``), by its path relative to the dataset folder, so the record is the
@@ -175,7 +218,7 @@ def fingerprint_details(manifest: Manifest, content: bool | None = None) -> dict
         path = manifest.folder / relative
         entry = {"path": relative, "size": path.stat().st_size if path.exists() else -1}
         if content:
-            entry["sha256"] = file_sha256(path) if path.is_file() else None
+            entry["sha256"] = _content_sha256(path, path.stat()) if path.is_file() else None
         files.append(entry)
     return {"dataset": manifest.dataset, "table": manifest.table_name, "label_table_sha256": manifest.sha256,
             "n_rows": len(manifest), "content": content, "files": files}

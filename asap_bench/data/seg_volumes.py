@@ -5,16 +5,15 @@ volume whole (resampled, reoriented, intensity-mapped, in the encoder's axis
 order, but not resized to the ViT input) and its mask on the same grid. An
 entry is keyed by the manifest hash, the InputSpec and the label mapping; each
 case is one ``.npz`` (image float16, mask uint8, voxel spacing in mm along the
-array axes) written atomically, so a killed run never leaves half an entry.
+array axes) named by the identity of both its files and carrying the checks of
+its arrays, written atomically, so a killed run never leaves half an entry, a
+changed image or mask is read again, and a damaged file is rebuilt.
 Image and mask must agree on the raw files (shape and affine) before any
 resampling: a mismatch fails with both file names.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +23,13 @@ from monai.data.utils import affine_to_spacing
 
 from ..encoders.card import InputSpec
 from ..schema import content_hash
-from .manifest import Manifest
+from .cache import DamagedEntry, discard, read_arrays, write_arrays, write_meta
+from .cache_kinds import SEG_VOLUMES
+from .manifest import Manifest, file_identity
 from .transforms import build_preprocessing
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+ARRAYS = ("image", "mask", "spacing")
 AFFINE_TOLERANCE = 1e-3  # mm: image and mask affines must agree to this
 
 
@@ -65,26 +67,33 @@ class SegVolumeCache:
             raise ValueError(f"{manifest.path}: table {manifest.table_name!r} of {manifest.dataset!r} has no mask column")
         self.manifest, self.spec, self.label_map = manifest, spec, label_map
         self.known = set(manifest.table.mask)
-        self.key = content_hash({"kind": "seg-volumes", "format": FORMAT_VERSION, "manifest_sha256": manifest.sha256,
+        self.key = content_hash({"kind": SEG_VOLUMES, "format": FORMAT_VERSION, "manifest_sha256": manifest.sha256,
                                  "input": spec.model_dump(mode="json"),
                                  "label_map": None if label_map is None else sorted(label_map.items())})
-        self.folder = Path(root) / "seg-volumes" / self.key
+        self.folder = Path(root) / SEG_VOLUMES / self.key
         self.load = mt.LoadImaged(["image", "mask"], image_only=True)
         self.transform = build_preprocessing(spec, with_mask=True, load=False, whole_volume=True)
 
     def path(self, case_id: str) -> Path:
+        """Named by the identity of the image and mask files: a change to either is read again."""
         row = self.manifest.frame.loc[case_id]
-        return self.folder / f"{content_hash([row['image'], row['mask']])[:32]}.npz"
+        files = [file_identity(self.manifest, row["image"]), file_identity(self.manifest, row["mask"])]
+        return self.folder / f"{content_hash(files)[:32]}.npz"
 
     def get(self, case_id: str) -> SegVolume:
         path = self.path(case_id)
-        if not path.is_file():
-            self._build(case_id, path)
-        with np.load(path) as data:
-            return SegVolume(data["image"].astype(np.float32), data["mask"].astype(np.int64),
-                             tuple(float(s) for s in data["spacing"]))
+        data = None
+        if path.is_file():
+            try:
+                data = read_arrays(path, ARRAYS)
+            except DamagedEntry as error:
+                discard(path, error)
+        if data is None:
+            data = self._build(case_id, path)
+        return SegVolume(data["image"].astype(np.float32), data["mask"].astype(np.int64),
+                         tuple(float(s) for s in data["spacing"]))
 
-    def _build(self, case_id: str, path: Path) -> None:
+    def _build(self, case_id: str, path: Path) -> dict[str, np.ndarray]:
         image_file, mask_file = self.manifest.image_path(case_id), self.manifest.mask_path(case_id)
         try:
             raw = self.load({"image": str(image_file), "mask": str(mask_file)})
@@ -98,20 +107,16 @@ class SegVolumeCache:
             raise ValueError(f"{image_file}: preprocessing produced non-finite values")
         mask = _remap(np.asarray(out["mask"]), self.label_map, self.known, mask_file)
         self.folder.mkdir(parents=True, exist_ok=True)
-        meta = self.folder / "meta.json"
-        if not meta.exists():
-            _write_atomic(meta, json.dumps({"kind": "seg-volumes", "dataset": self.manifest.dataset,
-                                            "table": self.manifest.table_name, "manifest_sha256": self.manifest.sha256,
-                                            "input": self.spec.model_dump(mode="json"),
-                                            "label_map": self.label_map}, indent=1).encode())
-        handle, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{path.stem}.", suffix=".npz")
-        try:
-            with os.fdopen(handle, "wb") as stream:
-                np.savez(stream, image=image.astype(np.float16), mask=mask, spacing=np.asarray(out["spacing"]))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        if not (self.folder / "meta.json").exists():
+            write_meta(self.folder, {"kind": SEG_VOLUMES, "format": FORMAT_VERSION, "dataset": self.manifest.dataset,
+                                     "table": self.manifest.table_name, "manifest_sha256": self.manifest.sha256,
+                                     "input": self.spec.model_dump(mode="json"),
+                                     "label_map": None if self.label_map is None else
+                                     {str(k): v for k, v in self.label_map.items()}})
+        data = {"image": image.astype(np.float16), "mask": mask,
+                "spacing": np.asarray(out["spacing"], dtype=np.float64)}
+        write_arrays(path, data, "preprocessed volume and mask")
+        return data
 
     def _preprocess(self, raw: dict) -> dict:
         """Run the preprocessing, reading the voxel spacing off the image before the axis transpose."""
@@ -146,14 +151,3 @@ def check_same_grid(image, mask, image_file: Path, mask_file: Path) -> None:
 
 def _rounded(affine: np.ndarray) -> list[float]:
     return [round(float(v), 4) for v in np.linalg.norm(affine[:3, :3], axis=0)]
-
-
-def _write_atomic(path: Path, payload: bytes) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

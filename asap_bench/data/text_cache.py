@@ -4,8 +4,9 @@ An entry holds the embeddings of one list of unique texts under one text model
 (its weight hash), pooling and maximum length; the key is the hash of all of
 them, so seeds, regimes and the families that read the same reports share one
 entry, and a different model or text can never be served a stale one. Entries
-are written in a temporary folder and renamed into place. The text model is only
-loaded when an entry has to be computed.
+are written in a temporary folder and renamed into place, and carry the checks
+of their array (shape, dtype, size, sha256): a damaged entry is named, discarded
+and computed again. The text model is only loaded when an entry has to be computed.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from ..schema import content_hash
-from .cache import cache_root
+from .cache import DamagedEntry, cache_root, discard, open_entry, seal, write_meta
+from .cache_kinds import TEXT
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class TextModelInfo:
 
 
 def text_key(model_sha256: str, pooling: str, max_length: int, texts: list[str]) -> str:
-    return content_hash({"kind": "text", "format": FORMAT_VERSION, "model_sha256": model_sha256, "pooling": pooling,
+    return content_hash({"kind": TEXT, "format": FORMAT_VERSION, "model_sha256": model_sha256, "pooling": pooling,
                          "max_length": int(max_length), "texts": content_hash(texts)})
 
 
@@ -59,17 +61,32 @@ def embed_texts(model: str, texts: list[str], *, pooling: str, max_length: int, 
     limit = _position_limit(resolve_text_model(model))
     length = min(int(max_length), limit) if limit else int(max_length)
     key = text_key(sha, pooling, length, unique)
-    folder = (root or cache_root()) / "text" / key
-    if not (folder / "meta.json").is_file():
+    folder = (root or cache_root()) / TEXT / key
+    array = _open(folder, len(unique)) if folder.exists() else None
+    if array is None:
         _compute(folder, model, unique, pooling, length, device, batch_size, sha)
-    array = np.load(folder / "embeddings.npy")
-    meta = json.loads((folder / "meta.json").read_text())
-    if array.shape[0] != len(unique) or meta.get("n_texts") != len(unique):
-        raise RuntimeError(f"{folder}: text cache entry holds {array.shape[0]} rows, expected {len(unique)}; "
-                           "delete the folder to rebuild it")
+        array = _read(folder, len(unique))
     row = {t: i for i, t in enumerate(unique)}
     embeddings = np.asarray(array[[row[t] for t in texts]], dtype=np.float32)
     return embeddings, TextModelInfo(str(model), sha, pooling, length, int(array.shape[1]))
+
+
+def _read(folder: Path, n_texts: int) -> np.ndarray:
+    """The entry's embeddings once its files pass their checks; ``DamagedEntry`` otherwise."""
+    meta = open_entry(folder)
+    array = np.load(folder / "embeddings.npy")
+    if array.ndim != 2 or array.shape[0] != n_texts or meta.get("n_texts") != n_texts:
+        raise DamagedEntry(folder / "embeddings.npy", f"holds {array.shape[0]} rows, expected {n_texts}")
+    return array
+
+
+def _open(folder: Path, n_texts: int) -> np.ndarray | None:
+    """The embeddings of the finished entry at ``folder``; None (after a warning) when it is damaged."""
+    try:
+        return _read(folder, n_texts)
+    except DamagedEntry as error:
+        discard(folder, error)
+        return None
 
 
 def _position_limit(folder: Path) -> int | None:
@@ -99,9 +116,9 @@ def _compute(folder: Path, model: str, texts: list[str], pooling: str, max_lengt
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     try:
         np.save(tmp / "embeddings.npy", array)
-        meta = {"kind": "text", "format": FORMAT_VERSION, "model": str(model), "model_sha256": sha,
-                "pooling": pooling, "max_length": max_length, "n_texts": len(texts), "dim": int(array.shape[1])}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        write_meta(tmp, {"kind": TEXT, "format": FORMAT_VERSION, "model": str(model), "model_sha256": sha,
+                         "pooling": pooling, "max_length": max_length, "n_texts": len(texts),
+                         "dim": int(array.shape[1]), "files": seal(tmp, ["embeddings.npy"])})
         try:
             os.replace(tmp, folder)
         except OSError:

@@ -2,17 +2,26 @@
 
 Checkpoints are untrusted input: they are read with safetensors or
 ``torch.load(weights_only=True)``, so a pickled payload is refused before any
-of its code can run. Published keys are rewritten through the card's key map;
-missing, unexpected, ignored and adapted keys are all reported, a shape
-mismatch fails naming the keys, and so does a load that fills too little of
-the module (the silent ``strict=False`` failure this harness exists to stop).
+of its code can run. The one class beyond tensors and plain containers let
+through is ``argparse.Namespace`` (the ``args`` that training scripts save next
+to the weights): it only holds attributes, and the load report lists it. An
+empty, truncated or otherwise damaged file fails with one line naming it.
+
+Published keys are rewritten through the card's key map; missing, unexpected,
+ignored and adapted keys are all reported, a shape mismatch fails naming the
+keys, and so does a load that fills too little of the module (the silent
+``strict=False`` failure this harness exists to stop).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import pickle
+import pickletools
 import struct
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,10 +31,16 @@ from ..data.manifest import file_sha256
 from .card import Checkpoint, EncoderCard
 
 DEFAULT_MIN_FRACTION = 0.95
+# classes a checkpoint may hold besides tensors and plain containers: attribute bags with no behaviour
+INERT_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used as it is; the message names the file and keys."""
+
+
+class UnreadableCheckpoint(CheckpointError):
+    """The file itself cannot be read: missing, empty, truncated, damaged or refused; one line names it."""
 
 
 @dataclass
@@ -38,11 +53,12 @@ class LoadReport:
     ignored: list[str] = field(default_factory=list)  # published keys the card declares unused
     adapted: list[str] = field(default_factory=list)  # "key: [shape] -> [shape]"
     fraction: float = 0.0  # share of the module's state (in elements) that was loaded
+    allowed_globals: list[str] = field(default_factory=list)  # inert classes (INERT_GLOBALS) the file held
 
     def summary(self) -> str:
         lines = [f"{self.path} (sha256 {self.sha256[:12]}): loaded {len(self.loaded)} tensors, "
                  f"{self.fraction:.1%} of the module's state"]
-        for name in ("missing", "unexpected", "ignored", "adapted"):
+        for name in ("missing", "unexpected", "ignored", "adapted", "allowed_globals"):
             keys = getattr(self, name)
             if keys:
                 shown = ", ".join(keys[:8]) + (f", ... (+{len(keys) - 8})" if len(keys) > 8 else "")
@@ -51,32 +67,19 @@ class LoadReport:
 
 
 def read_state_dict(path: Path | str, container_key: str | None = None) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file, without unpickling anything but tensors and plain containers."""
+    """Tensors of a checkpoint file, unpickling nothing but tensors, plain containers and INERT_GLOBALS."""
+    return read_checkpoint(path, container_key)[0]
+
+
+def read_checkpoint(path: Path | str, container_key: str | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The state dict of a checkpoint file and the names of the inert classes (INERT_GLOBALS) it held."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            payload: object = load_file(str(path), device="cpu")
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
-    else:
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-            culprit = next((line for line in lines if "GLOBAL" in line or "operand" in line), lines[-1] if lines else "")
-            if not _is_pickle_container(path):  # not torch.save output at all: damaged or foreign
-                raise CheckpointError(f"{path}: not a readable torch checkpoint ({culprit})") from None
-            raise CheckpointError(
-                f"{path}: refused: the file holds pickled objects other than tensors, and unpickling them "
-                f"could run arbitrary code ({culprit}). Re-save the weights alone (torch.save(state_dict) "
-                "or safetensors) from a trusted environment") from None
-        except (RuntimeError, EOFError, OSError, struct.error) as err:
-            raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(err).splitlines()[0]})") from None
+        raise UnreadableCheckpoint(f"{path}: checkpoint file does not exist")
+    if path.stat().st_size == 0:
+        raise UnreadableCheckpoint(f"{path}: the checkpoint file is empty (0 bytes)")
+    payload = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
+    allowed = sorted(_inert_classes(payload))
     if container_key is not None:
         if not isinstance(payload, dict) or container_key not in payload:
             keys = sorted(payload)[:10] if isinstance(payload, dict) else type(payload).__name__
@@ -89,14 +92,98 @@ def read_state_dict(path: Path | str, container_key: str | None = None) -> dict[
     if bad:
         raise CheckpointError(f"{path}: entries {bad[:5]} are not tensors; expected a state dict "
                               "(is checkpoint.container_key right?)")
-    return dict(payload)
+    return dict(payload), allowed
 
 
-def _is_pickle_container(path: Path) -> bool:
-    """torch.save output: a zip archive, or a bare pickle (protocol 2+ starts with 0x80)."""
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise UnreadableCheckpoint(f"{path}: not a readable safetensors file, truncated or damaged "
+                              f"({_first_line(err)})") from None
+
+
+def _read_torch(path: Path) -> object:
+    """``torch.load(weights_only=True)``, with INERT_GLOBALS allowed for this one load only (torch >= 2.5)."""
+    scoped = getattr(torch.serialization, "safe_globals", None)
+    try:
+        with scoped(list(INERT_GLOBALS)) if scoped else contextlib.nullcontext():
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        damage = _damage(path)
+        if damage is not None:
+            raise UnreadableCheckpoint(f"{path}: not a readable torch checkpoint, {damage}") from None
+        raise UnreadableCheckpoint(
+            f"{path}: refused: the file holds pickled objects other than tensors, and unpickling them "
+            f"could run arbitrary code ({_culprit(err)}). Re-save the weights alone (torch.save(state_dict) "
+            "or safetensors) from a trusted environment") from None
+    except (RuntimeError, EOFError, OSError, struct.error, IndexError, ValueError) as err:
+        damage = _damage(path) or f"truncated or damaged ({_first_line(err)})"
+        raise UnreadableCheckpoint(f"{path}: not a readable torch checkpoint, {damage}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    """The first sentence of a library's error, which is often several lines long."""
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return text.split(". ")[0].rstrip(".")
+
+
+def _culprit(err: pickle.UnpicklingError) -> str:
+    """The refused global or opcode from torch's weights-only message."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    found = next((line for line in lines if "GLOBAL" in line or "operand" in line), lines[-1] if lines else "")
+    return found.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "")
+
+
+def _damage(path: Path) -> str | None:
+    """Why ``path`` is not whole torch.save output, or None if what torch read of it is complete.
+
+    A zip archive must open and pass its CRC checks. A legacy (non-zip) file is a
+    run of pickles: the first must be complete, and if it is torch's magic number
+    so must the four after it. Read statically (``pickletools``), nothing is run.
+    """
     with open(path, "rb") as handle:
         head = handle.read(2)
-    return head == b"PK" or head[:1] == b"\x80"
+    if head == b"PK":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                broken = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+            return f"truncated or damaged: the zip archive does not open ({err})"
+        return None if broken is None else f"damaged: zip member {broken!r} fails its CRC check"
+    if head[:1] != b"\x80":
+        return "not torch.save output (neither a zip archive nor a pickle)"
+    with open(path, "rb") as handle:
+        for index in range(5):  # magic number, protocol version, system info, the object, its storage keys
+            try:
+                args = [arg for _op, arg, _pos in pickletools.genops(handle)]
+            except (ValueError, EOFError, struct.error, IndexError) as err:
+                return f"truncated or damaged: pickle {index + 1} ends early ({_first_line(err)})"
+            if index == 0 and torch.serialization.MAGIC_NUMBER not in args:
+                return None  # one plain pickle, not torch.save's layout: complete, so a refusal is real
+    return None
+
+
+def _inert_classes(payload: object) -> set[str]:
+    """Names of the INERT_GLOBALS instances anywhere in ``payload``."""
+    found: set[str] = set()
+    stack, seen = [payload], set()
+    while stack:
+        item = stack.pop()
+        if id(item) in seen or isinstance(item, torch.Tensor):
+            continue
+        seen.add(id(item))
+        if isinstance(item, INERT_GLOBALS):
+            found.add(f"{type(item).__module__}.{type(item).__qualname__}")
+            stack.extend(vars(item).values())
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set)):
+            stack.extend(item)
+    return found
 
 
 def map_keys(state: dict[str, torch.Tensor], spec: Checkpoint) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -126,7 +213,8 @@ def load_weights(encoder: torch.nn.Module, path: Path | str, *, min_fraction: fl
     if spec.sha256 and report.sha256 != spec.sha256:
         raise CheckpointError(f"{path}: sha256 {report.sha256} differs from the card's {spec.sha256}; "
                               "this is not the published file")
-    mapped, report.ignored = map_keys(read_state_dict(path, spec.container_key), spec)
+    state, report.allowed_globals = read_checkpoint(path, spec.container_key)
+    mapped, report.ignored = map_keys(state, spec)
     adapter = encoder.adapt_tensor if adapt else None
     return apply_state(encoder, mapped, report, card.name, min_fraction, adapter)
 

@@ -49,6 +49,33 @@ def _run_frames(records_dirs: Sequence[str | Path]) -> tuple[pd.DataFrame, pd.Da
     return records, pd.concat(parts, ignore_index=True)[columns]
 
 
+def missing_cells(records: pd.DataFrame, shown: pd.DataFrame | None = None) -> list[str]:
+    """Every (encoder, protocol, regime) cell of ``shown`` (default: all) the report cannot fill, a line each.
+
+    Within a data source, every encoder is expected to have every (protocol, regime) that any
+    encoder has, with every seed that any encoder ran for that protocol in ``records``
+    (``stats.completeness``); ``shown`` is the part of ``records`` the report's filters keep.
+    """
+    from ..stats import completeness
+
+    shown = records if shown is None else shown
+    expected = {key: sorted(int(s) for s in rows["seed"].unique())
+                for key, rows in records.groupby(["source", "protocol"], sort=True)}
+    lines = []
+    for source, rows in shown.groupby("source", sort=True):
+        encoders = sorted(rows["encoder"].unique())
+        for protocol, sub in rows.groupby("protocol", sort=True):
+            seeds = expected[(source, protocol)]
+            table = completeness(sub, seeds, all_cells=True)
+            for encoder in encoders:  # an encoder with no record of this protocol at all
+                if encoder not in set(table["encoder"]):
+                    for regime in sorted(sub["regime"].unique()):
+                        lines.append(f"{source}: {encoder} {protocol} regime {regime:g}: no records")
+            for row in table[~table["complete"]].itertuples():
+                lines.append(f"{source}: {row.encoder} {row.protocol} regime {row.regime:g}: {row.problems}")
+    return lines
+
+
 def _significance(records: pd.DataFrame, shown: pd.DataFrame, alpha: float) -> pd.DataFrame | None:
     """Best vs runner-up per setting, tested once per table so Holm runs over that table's settings."""
     from ..stats import best_other
@@ -104,6 +131,12 @@ def report_command(records_dirs: Sequence[str | Path] = (), source: str = "runs"
     if source in ("runs", "both"):
         records, aggregated = _run_frames(records_dirs)
         frames.append(aggregated)
+        gaps = missing_cells(records, filter_frame(records, metric="all", family=family, regime=regime,
+                                                   encoders=encoders))
+        if gaps:  # an empty or partial cell is named, never dropped from a table in silence
+            shown_gaps = gaps[:50] + ([f"... and {len(gaps) - 50} more"] if len(gaps) > 50 else [])
+            sys.stderr.write(f"{len(gaps)} incomplete cell(s) (shown as '--' or over fewer seeds):\n  "
+                             + "\n  ".join(shown_gaps) + "\n")
         if significance:
             shown = filter_frame(aggregated, metric=metric, family=family, regime=regime, encoders=encoders)
             sig = _significance(records, shown, alpha) if not shown.empty else None

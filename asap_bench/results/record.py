@@ -5,16 +5,21 @@ timings, and the provenance that makes every number traceable: protocol,
 split, encoder, checkpoint and data fingerprints, and the software it ran on.
 Per-unit outputs (per case, per label) go to a sidecar file beside it, for
 paired tests. Both are written atomically, sidecar first, so an existing
-record always means a complete job.
+record always means a complete job; the record carries its sidecar's sha256,
+so a sidecar left by an interrupted rewrite is never read as this record's.
+
+A result, once ok, is only ever replaced by another ok one: a failed rerun is
+recorded beside it (``r<ratio>_s<seed>.failed.json``) and that file goes when
+an ok result replaces the record.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
@@ -22,10 +27,12 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from .. import __version__
+from .. import __version__, files
 from ..schema import StrictModel
 
 SCHEMA_VERSION = 1
+UNITS_SUFFIX = ".units.json"
+FAILED_SUFFIX = ".failed.json"
 
 
 class Provenance(StrictModel):
@@ -78,6 +85,7 @@ class ResultRecord(StrictModel):
     selected: dict[str, Any] = Field(default_factory=dict)  # hyper-parameters chosen on validation
     sizes: dict[str, int] = Field(default_factory=dict)  # cases used: train / val / test
     units_file: str | None = None  # sidecar with per-unit outputs, relative to the record
+    units_sha256: str | None = None  # the sidecar's sha256 when written; absent in records of older versions
     provenance: Provenance
     timing: Timing
 
@@ -108,36 +116,99 @@ def software() -> dict[str, str | None]:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write through a temp file in the same folder and rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """A record-layer file (record, sidecar, bundle metadata), flushed to disk before it replaces the old one."""
+    files.write_atomic(path, text, sync=True)
+
+
+def sidecar_path(path: Path) -> Path:
+    """Where the record at ``path`` keeps its per-unit outputs."""
+    return Path(path).with_name(Path(path).stem + UNITS_SUFFIX)
+
+
+def failed_path(path: Path) -> Path:
+    """Where a failed rerun of the job at ``path`` is recorded while an ok record is there."""
+    return Path(path).with_name(Path(path).stem + FAILED_SUFFIX)
+
+
+def record_of_sidecar(sidecar: Path) -> Path:
+    return Path(sidecar).with_name(Path(sidecar).name[: -len(UNITS_SUFFIX)] + ".json")
+
+
+def _ok_record_at(path: Path) -> bool:
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return read_record(path).status == "ok"
+    except (OSError, ValueError):
+        return False
 
 
-def write_record(path: Path, record: ResultRecord, units: dict[str, Any] | None = None) -> None:
-    """Sidecar first, record last: the record's presence marks the job complete."""
+def write_record(path: Path, record: ResultRecord, units: dict[str, Any] | None = None) -> Path:
+    """Record a job; returns the file written.
+
+    An ok result: sidecar first, then the record (with the sidecar's sha256), then the
+    failed sibling and any sidecar it no longer uses go. A failed result never replaces
+    an ok record nor touches its sidecar: it is written beside it. With no ok record
+    there, it takes the record's place and clears what an earlier attempt left.
+    """
+    path = Path(path)
+    sidecar = sidecar_path(path)
+    if record.status != "ok":
+        if _ok_record_at(path):
+            write_atomic(failed_path(path), record.model_dump_json(indent=1) + "\n")
+            return failed_path(path)
+        write_atomic(path, record.model_dump_json(indent=1) + "\n")
+        _remove(sidecar, failed_path(path))
+        return path
     if units is not None:
-        sidecar = path.with_name(path.stem + ".units.json")
-        write_atomic(sidecar, json.dumps(units, sort_keys=True) + "\n")
-        record = record.model_copy(update={"units_file": sidecar.name})
+        text = json.dumps(units, sort_keys=True) + "\n"
+        write_atomic(sidecar, text)
+        record = record.model_copy(update={"units_file": sidecar.name,
+                                           "units_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()})
     write_atomic(path, record.model_dump_json(indent=1) + "\n")
+    _remove(failed_path(path), *([] if units is not None else [sidecar]))
+    return path
+
+
+def _remove(*paths: Path) -> None:
+    for stale in paths:
+        stale.unlink(missing_ok=True)
 
 
 def read_record(path: Path) -> ResultRecord:
     return ResultRecord.model_validate_json(Path(path).read_text(encoding="utf-8"))
 
 
+def check_units(sidecar: Path, data: bytes, record: ResultRecord) -> None:
+    """Raise unless ``data`` (read from ``sidecar``) is the sidecar ``record`` was written with."""
+    if record.units_sha256 is not None and hashlib.sha256(data).hexdigest() != record.units_sha256:
+        raise ValueError(f"units sidecar {sidecar} is not the one its record was written with (sha256 differs: "
+                         "a rewrite of the job was interrupted); rerun the job")
+
+
+def units_intact(path: Path, record: ResultRecord) -> bool:
+    """Whether the record's sidecar (if it has one) is there and is the one it was written with."""
+    if record.units_file is None:
+        return True
+    sidecar = Path(path).parent / record.units_file
+    try:
+        check_units(sidecar, sidecar.read_bytes(), record)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def read_units(path: Path, record: ResultRecord) -> dict[str, Any] | None:
     if record.units_file is None:
         return None
-    return json.loads((Path(path).parent / record.units_file).read_text(encoding="utf-8"))
+    sidecar = Path(path).parent / record.units_file
+    data = sidecar.read_bytes()
+    check_units(sidecar, data, record)
+    return json.loads(data.decode("utf-8"))
 
 
+def ensure_writable(folder: Path) -> None:
+    """Create ``folder`` and write and remove a file in it; raises OSError where that fails."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-probe-{os.getpid()}"
+    write_atomic(probe, "probe\n")
+    probe.unlink()

@@ -2,8 +2,9 @@
 
 One row per (record, metric). A failed record keeps one row with ``metric`` None,
 so a completeness check sees the job; a record whose metric could not be computed
-keeps its row with ``value`` NaN. Files that cannot be read are never dropped
-silently: they are logged and listed in ``frame.attrs["problems"]``.
+keeps its row with ``value`` NaN. A failed rerun recorded beside an ok record
+(``*.failed.json``) is not read: the ok result stands. Files that cannot be read are
+never dropped silently: they are logged and listed in ``frame.attrs["problems"]``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from .record import ResultRecord, read_record
+from .record import FAILED_SUFFIX, UNITS_SUFFIX, ResultRecord, check_units, read_record, record_of_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +26,13 @@ COLUMNS = ["source", "encoder", "protocol", "family", "regime", "seed", "metric"
            "protocol_fingerprint", "encoder_fingerprint", "synthetic", "path",
            # beyond the core: where the per-unit outputs are, and what a failure said
            "units_path", "error", "finished"]
-UNITS_SUFFIX = ".units.json"
 
 
 def record_files(paths_or_dirs: str | Path | Iterable[str | Path]) -> list[Path]:
-    """Record files under the given files and folders (recursively), sidecars and hidden temp files left out."""
+    """Record files under the given files and folders (recursively), sidecars and hidden temp files left out.
+
+    A failed rerun's file beside an ok record is left out too; alone, it is the job's record.
+    """
     if isinstance(paths_or_dirs, (str, Path)):
         paths_or_dirs = [paths_or_dirs]
     found: list[Path] = []
@@ -37,7 +40,8 @@ def record_files(paths_or_dirs: str | Path | Iterable[str | Path]) -> list[Path]
         entry = Path(entry)
         if entry.is_dir():
             found.extend(p for p in sorted(entry.rglob("*.json"))
-                         if not p.name.endswith(UNITS_SUFFIX) and not p.name.startswith("."))
+                         if not p.name.endswith(UNITS_SUFFIX) and not p.name.startswith(".")
+                         and not (p.name.endswith(FAILED_SUFFIX) and _beside_record(p)))
         else:
             found.append(entry)
     seen, unique = set(), []
@@ -47,6 +51,10 @@ def record_files(paths_or_dirs: str | Path | Iterable[str | Path]) -> list[Path]
             seen.add(key)
             unique.append(path)
     return unique
+
+
+def _beside_record(failed: Path) -> bool:
+    return failed.with_name(failed.name[: -len(FAILED_SUFFIX)] + ".json").is_file()
 
 
 def record_rows(record: ResultRecord, path: Path) -> list[dict[str, Any]]:
@@ -92,15 +100,25 @@ def load_records(paths_or_dirs: str | Path | Iterable[str | Path], *, strict: bo
 
 
 @lru_cache(maxsize=256)
-def _units_cached(path: str, mtime_ns: int) -> dict[str, Any]:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+def _units_cached(path: str, mtime_ns: int, record_path: str | None, record_mtime_ns: int) -> dict[str, Any]:
+    data = Path(path).read_bytes()
+    if record_path is not None:
+        check_units(Path(path), data, read_record(Path(record_path)))
+    return json.loads(data.decode("utf-8"))
 
 
 def load_units(units_path: str | Path | None) -> dict[str, Any] | None:
-    """A record's per-unit outputs (cached while the file is unchanged); None when it has none."""
+    """A record's per-unit outputs (cached while both files are unchanged); None when it has none.
+
+    Checked against the sha256 its record carries, so a sidecar left by an interrupted
+    rewrite of the job is refused rather than paired with another run's numbers.
+    """
     if units_path is None or (isinstance(units_path, float) and math.isnan(units_path)):
         return None
     path = Path(units_path)
     if not path.exists():
         raise FileNotFoundError(f"units sidecar {path} is missing; its record cannot be paired")
-    return _units_cached(str(path), path.stat().st_mtime_ns)
+    owner = record_of_sidecar(path) if path.name.endswith(UNITS_SUFFIX) else None
+    if owner is None or not owner.is_file():
+        return _units_cached(str(path), path.stat().st_mtime_ns, None, 0)
+    return _units_cached(str(path), path.stat().st_mtime_ns, str(owner), owner.stat().st_mtime_ns)

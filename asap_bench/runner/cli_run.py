@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import statistics
+import threading
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import click
 
 from ..data.roots import resolve_data_root
 from ..protocol import select_protocols
+from ..results.record import ensure_writable
 from .jobs import expand
 from .local import Outcome, RunOptions, run_jobs
 
@@ -20,13 +26,27 @@ def default_out(data_root: Path, synthetic: bool) -> Path:
     return Path("results") / "runs" / ("demo" if synthetic else data_root.resolve().name)
 
 
+def _new_log_file(folder: Path, stem: str) -> Path:
+    """``<stem>.log``, created here and now (exclusively), or ``<stem>-2.log``, ...: never another run's log."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        path = folder / (f"{stem}.log" if n == 1 else f"{stem}-{n}.log")
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{folder}: no free log file name for {stem}")
+
+
 def setup_log(out: Path, quiet: bool, rank: int = 0) -> tuple[logging.Logger, Path]:
-    """One log file per run (and rank) under <out>/logs, and warnings on the console unless quiet."""
+    """One log file per run (process and rank) under <out>/logs, and warnings on the console unless quiet."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = out / "logs" / (f"run-{stamp}.log" if rank == 0 else f"run-{stamp}-rank{rank}.log")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _new_log_file(out / "logs", f"run-{stamp}-{os.getpid()}" + (f"-rank{rank}" if rank else ""))
     log = logging.getLogger("asap_bench")
-    log.handlers.clear()
+    for old in list(log.handlers):
+        log.removeHandler(old)
+        old.close()
     log.setLevel(logging.DEBUG)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -59,6 +79,46 @@ def summarise(outcomes: list[Outcome]) -> list[dict]:
         row["mean"] = f"{statistics.fmean(vals):.4f}" if vals else "-"
         row["std"] = f"{statistics.stdev(vals):.4f}" if len(vals) > 1 else "-"
     return list(rows.values())
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, so it unwinds as Ctrl-C does."""
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a scheduler, torchrun, ``kill``) stops the run as Ctrl-C does: locks are released and
+    the interrupted job's training state is kept for the rerun to resume."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise Terminated(f"terminated by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def writable_out(out: Path) -> None:
+    """Refuse an output folder that cannot take records before any job runs, naming it."""
+    try:
+        ensure_writable(out)
+    except OSError as error:
+        reason = "it exists and is not a folder" if isinstance(error, FileExistsError) else error.strerror or error
+        raise ValueError(f"--out {out}: not a writable folder ({reason})") from None
+
+
+def _failures(outcomes: list[Outcome], log_path: Path, shown: int = 10) -> list[str]:
+    """What each failed job said, whole (the table's note column is cut short)."""
+    failed = [o for o in outcomes if o.status == "failed"]
+    lines = [f"failed: {o.job.name}: {o.message}" for o in failed[:shown]]
+    if len(failed) > shown:
+        lines.append(f"... and {len(failed) - shown} more failed job(s); see {log_path}")
+    return lines
 
 
 def _quiet_libraries() -> None:
@@ -95,18 +155,20 @@ def execute(encoders: list[str], tasks: tuple[str, ...], seeds: list[int] | None
         options.device = distributed.init(device)
         quiet = quiet or distributed.rank() > 0
         options.progress = not quiet
+    writable_out(out)
     log, log_path = setup_log(out, quiet, distributed.rank())
     _quiet_libraries()
     log.info("run: %d jobs, data %s (%s), variant %s, device %s, %d process(es)", len(jobs), root,
              "demo" if synthetic else "real", options.variant, options.device, distributed.world())
     start = time.perf_counter()
-    if slurm is not None and not dry_run:
-        from .launch import run_slurm
+    with sigterm_interrupts():
+        if slurm is not None and not dry_run:
+            from .launch import run_slurm
 
-        slurm.folder = slurm.folder or out / "slurm"
-        outcomes = run_slurm(jobs, options, slurm)
-    else:
-        outcomes = run_jobs(jobs, options, log, dry_run=dry_run)
+            slurm.folder = slurm.folder or out / "slurm"
+            outcomes = run_slurm(jobs, options, slurm)
+        else:
+            outcomes = run_jobs(jobs, options, log, dry_run=dry_run)
     if distributed.rank() > 0:
         distributed.shutdown()
         return 0
@@ -115,6 +177,8 @@ def execute(encoders: list[str], tasks: tuple[str, ...], seeds: list[int] | None
     if dry_run:
         columns = ["encoder", "task", "regime", "cached", "todo", "failed", "skipped", "note"]
     click.echo(_table(rows, columns))
+    for line in _failures(outcomes, log_path):
+        click.echo(line)
     counts = defaultdict(int)
     for o in outcomes:
         counts[o.status] += 1

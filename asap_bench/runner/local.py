@@ -12,6 +12,7 @@ as a record, ok or failed; a failure never stops the other jobs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -26,23 +27,24 @@ import numpy as np
 import torch
 
 from ..data.cache import (TOKENS_FULL, FeatureSet, VolumeCache, blocks, cache_root, create_feature_file,
-                          extract_into, feature_key, finish_features, pool_tokens, remove_abandoned, unique_images)
-from ..data.manifest import Manifest, data_fingerprint, load_manifest
+                          extract_into, feature_key, finish_features, open_features, pool_tokens, remove_abandoned,
+                          unique_images)
+from ..data.manifest import Manifest, data_fingerprint, file_sha256, files_identity, load_manifest
 from ..data.roots import default_splits_dir
 from ..data.transforms import input_for
 from ..encoders.base import Encoder, encoder_fingerprint, frozen_forward
 from ..encoders.card import EncoderCard, InputSpec
 from ..encoders.checkpoints import DEFAULT_MIN_FRACTION, CheckpointError, resolve_checkpoint
 from ..encoders.registry import family_class, get_card
-from ..data.manifest import file_sha256
 from ..protocol import Protocol
 from ..results.record import Provenance, ResultRecord, Timing, now, software, write_record
+from ..schema import content_hash
 from ..splits import Split, ensure_split
 from ..tasks.base import EncoderHandle, FamilyNotBuilt, TaskFamily, TaskInputs, get_family
 from . import distributed
-from .jobs import Job, existing, job_key
+from .jobs import Job, existing, is_done, job_key, job_lock, sweep_locks
 
-CODE_VERSION = "1"  # bump when a change to the runner or a family alters results
+CODE_VERSION = "2"  # bump when a change to the runner or a family alters results
 
 
 @dataclass
@@ -112,6 +114,7 @@ class Group:
     data_fp: str
     target: Manifest | None = None
     target_fp: str | None = None
+    files_id: str | None = None  # identity of every input file read (source and target), for the job key
     splits: dict[int, Split] = field(default_factory=dict)
     features: FeatureSet | None = None
     target_features: FeatureSet | None = None
@@ -126,6 +129,7 @@ class Session:
         self._encoders: dict[tuple[str, tuple], EncoderEntry] = {}
         self._ckpt_sha: dict[Path, str] = {}
         self._data_fp: dict[Path, str] = {}
+        self._files_id: dict[Path, str] = {}
 
     # ---- cheap preparation
     def manifest(self, dataset: str, table: str) -> Manifest:
@@ -137,6 +141,11 @@ class Session:
         if manifest.path not in self._data_fp:
             self._data_fp[manifest.path] = data_fingerprint(manifest)
         return self._data_fp[manifest.path]
+
+    def files_identity(self, manifest: Manifest) -> str:
+        if manifest.path not in self._files_id:
+            self._files_id[manifest.path] = files_identity(manifest)
+        return self._files_id[manifest.path]
 
     def encoder_entry(self, name: str, spec: InputSpec) -> EncoderEntry:
         """Card (sized for ``spec``), checkpoint and fingerprint; the module is built only when needed."""
@@ -174,6 +183,8 @@ class Session:
                 raise TargetUnavailable(f"target unavailable: {target.dataset} ({access}) is not prepared under "
                                         f"{self.options.data_root}") from None
             group.target_fp = self.data_fingerprint(group.target)
+        group.files_id = content_hash([self.files_identity(group.manifest),
+                                       self.files_identity(group.target) if group.target is not None else None])
         return group
 
     def split(self, group: Group, seed: int) -> Split:
@@ -192,13 +203,13 @@ class Session:
         seed_everything(seed)
         module = family_class(entry.card.family)(entry.card, "native")
         if entry.checkpoint is not None:
-            from ..encoders.checkpoints import load_weights
+            from ..encoders.checkpoints import UnreadableCheckpoint, load_weights
 
             try:
                 report = load_weights(module, entry.checkpoint, min_fraction=self.options.min_fraction,
                                       adapt=self.options.interpolate_pos, sha256=entry.checkpoint_sha256)
             except CheckpointError as error:
-                if self.options.variant == "native":
+                if self.options.variant == "native" or isinstance(error, UnreadableCheckpoint):
                     raise
                 raise CheckpointError(f"{error}\n(the '{self.options.variant}' variant is a reduced architecture "
                                       "for CPU tests; published weights need --variant native)") from None
@@ -212,33 +223,38 @@ class Session:
         return entry.module
 
     def features(self, group: Group, manifest: Manifest) -> FeatureSet:
+        """Frozen features of ``manifest``: a sound cache entry if there is one (a damaged one is named and
+        discarded), else extracted into a temp folder that a failure or an interrupt removes."""
         root = self.options.cache_dir or cache_root()
         tokens = None
         if group.family.needs == "tokens":
             tokens = group.family.token_grid(group.protocol) or TOKENS_FULL
-        key = feature_key(group.encoder.fingerprint, group.spec, manifest, tokens)
+        key = distributed.agree(feature_key(group.encoder.fingerprint, group.spec, manifest, tokens))
         folder = root / "features" / key
-        if not distributed.agree((folder / "meta.json").is_file()):
-            module = self.module(group.encoder)
-            volumes = VolumeCache(manifest, group.spec, root)
-            name = group.encoder.card.name
+        found = open_features(folder, manifest) if distributed.rank() == 0 else None
+        if distributed.agree(found is not None):
+            return found if found is not None else FeatureSet.open(folder, manifest)
+        module = self.module(group.encoder)
+        volumes = VolumeCache(manifest, group.spec, root)
+        name = group.encoder.card.name
 
-            def encode(batch: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
-                out = frozen_forward(module, torch.from_numpy(batch))
-                features = out.global_embedding.cpu().numpy()
-                if tokens is None:
-                    return features
-                if out.patch_tokens is None or out.grid is None:
-                    raise ValueError(f"encoder {name!r} gives no patch tokens; {group.protocol.id} needs them")
-                pooled = pool_tokens(out.patch_tokens, out.grid, tokens)
-                return {"global": features, "tokens": pooled.cpu().numpy().astype(np.float16)}
+        def encode(batch: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
+            out = frozen_forward(module, torch.from_numpy(batch))
+            features = out.global_embedding.cpu().numpy()
+            if tokens is None:
+                return features
+            if out.patch_tokens is None or out.grid is None:
+                raise ValueError(f"encoder {name!r} gives no patch tokens; {group.protocol.id} needs them")
+            pooled = pool_tokens(out.patch_tokens, out.grid, tokens)
+            return {"global": features, "tokens": pooled.cpu().numpy().astype(np.float16)}
 
-            meta = {"encoder": name, "encoder_fingerprint": group.encoder.fingerprint, "tokens": tokens,
-                    "dataset": manifest.dataset, "table": manifest.table_name, "manifest_sha256": manifest.sha256,
-                    "input": group.spec.model_dump(mode="json"), "device": self.options.device}
-            images = unique_images(manifest)
-            # one temp folder all ranks share (named by rank 0), or a private one in a single process
-            tmp = folder.parent / f".{key}.tmp-{distributed.agree(os.getpid())}"
+        meta = {"encoder": name, "encoder_fingerprint": group.encoder.fingerprint, "tokens": tokens,
+                "dataset": manifest.dataset, "table": manifest.table_name, "manifest_sha256": manifest.sha256,
+                "input": group.spec.model_dump(mode="json"), "device": self.options.device}
+        images = unique_images(manifest)
+        # one temp folder all ranks share (named by rank 0), or a private one in a single process
+        tmp = folder.parent / f".{key}.tmp-{distributed.agree(os.getpid())}"
+        try:
             if distributed.rank() == 0:
                 remove_abandoned(folder)
                 token_shape = None
@@ -258,7 +274,12 @@ class Session:
                 finish_features(folder, tmp, images, {**meta, "forward_passes": forwards, "unique_images": len(images),
                                                       "processes": distributed.world(),
                                                       "extract_seconds": round(time.perf_counter() - started, 3)})
-            distributed.barrier()
+        except BaseException:
+            # rank 0 named the folder and alone removes it: rows other ranks still write land in an unlinked file
+            if distributed.rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        distributed.barrier()
         return FeatureSet.open(folder, manifest)
 
 
@@ -305,30 +326,37 @@ def _provenance(group: Group | None, job: Job, options: RunOptions, split: Split
 def _key(group: Group, job: Job, split: Split) -> str:
     return job_key(job, encoder_fingerprint=group.encoder.fingerprint, split_sha256=split.sha256,
                    data_fingerprint=group.data_fp, target_fingerprint=group.target_fp,
-                   input_spec=group.spec.model_dump(mode="json"), code=CODE_VERSION)
+                   input_spec=group.spec.model_dump(mode="json"), code=CODE_VERSION, files=group.files_id)
 
 
 def _failed(job: Job, options: RunOptions, group: Group | None, split: Split | None, error: BaseException,
             started: str, t0: float, key: str = "") -> Outcome:
+    """Record the failure; beside the job's ok record if it has one, which stays (see ``write_record``)."""
     message = f"{type(error).__name__}: {error}"
     path = job.record_path(options.out)
-    previous = existing(path)
-    if previous is not None and previous.status == "ok" and not key:
-        # the group failed before the job's key was known: keep the result already computed
-        return Outcome(job, "failed", seconds=time.perf_counter() - t0, message=message.splitlines()[0])
     record = ResultRecord(job_key=key, encoder=job.encoder, protocol=job.protocol.id, family=job.protocol.family,
                           regime=job.ratio, seed=job.seed, status="failed", error=message,
                           provenance=_provenance(group, job, options, split),
                           timing=Timing(started=started, finished=now(), seconds=round(time.perf_counter() - t0, 3)))
+    summary = message.splitlines()[0]
     if _writes_records(group):
-        write_record(path, record)
-    return Outcome(job, "failed", seconds=time.perf_counter() - t0, message=message.splitlines()[0])
+        try:
+            if write_record(path, record) != path:
+                summary = f"rerun failed, the ok record is kept: {summary}"
+        except OSError as problem:
+            summary = f"{summary}; {_not_written(path, problem)}"
+    return Outcome(job, "failed", seconds=time.perf_counter() - t0, message=summary)
+
+
+def _not_written(path: Path, problem: OSError) -> str:
+    return f"record not written: {path}: {problem.strerror or problem}"
 
 
 def run_jobs(jobs: list[Job], options: RunOptions, log: logging.Logger, dry_run: bool = False) -> list[Outcome]:
     """Run (or, dry, classify) every job; returns one outcome per job, in order."""
     session = Session(options, log)
     outcomes: list[Outcome] = []
+    seen: dict[Path, ResultRecord | None] = {}  # each job's record when it was found to need a run
     groups: dict[tuple[str, str], list[Job]] = {}
     for job in jobs:
         groups.setdefault((job.encoder, job.protocol.id), []).append(job)
@@ -369,7 +397,8 @@ def run_jobs(jobs: list[Job], options: RunOptions, log: logging.Logger, dry_run:
                 continue
             key = _key(group, job, split)
             record = existing(job.record_path(options.out))
-            if record is not None and record.status == "ok" and record.job_key == key and not options.force:
+            seen[job.record_path(options.out)] = record
+            if is_done(job.record_path(options.out), record, key) and not options.force:
                 outcomes.append(Outcome(job, "cached", metric=record.metrics.get(protocol.primary_metric),
                                         seconds=record.timing.seconds))
             else:
@@ -393,7 +422,10 @@ def run_jobs(jobs: list[Job], options: RunOptions, log: logging.Logger, dry_run:
         shared = family.needs == "volumes"  # data-parallel: every rank runs each job together
         for index, (job, split, key) in enumerate(todo):
             if shared or index % distributed.world() == distributed.rank():
-                outcomes.append(run_one(job, group, split, key, options, log, session if shared else None))
+                outcomes.append(_run_locked(job, group, split, key, options, log, seen[job.record_path(options.out)],
+                                            session if shared else None))
+    if not dry_run:
+        sweep_locks(options.out)
     if distributed.world() > 1:
         gathered = distributed.gather(outcomes)
         if gathered is None:
@@ -450,9 +482,38 @@ def run_one(job: Job, group: Group, split: Split, key: str, options: RunOptions,
     except Exception as error:  # NaN loss, out of memory, a corrupt volume, a malformed result: this job only
         log.error("%s failed: %s", job.name, error)
         log.debug(traceback.format_exc())
+        if work is not None and _writes_records(group):
+            shutil.rmtree(work, ignore_errors=True)  # a failure, not an interruption: there is nothing to resume
         return _failed(job, options, group, split, error, started, t0, key)
     if _writes_records(group):
-        write_record(job.record_path(options.out), record, result.units)
+        path = job.record_path(options.out)
+        try:
+            write_record(path, record, result.units)
+        except OSError as problem:  # a full disk or a lost permission fails this job; training state is kept
+            log.error("%s: %s", job.name, _not_written(path, problem))
+            return Outcome(job, "failed", seconds=seconds, message=_not_written(path, problem))
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)  # the record holds the result; training state is spent
     return Outcome(job, "ok", metric=result.metrics.get(job.protocol.primary_metric), seconds=seconds)
+
+
+def _run_locked(job: Job, group: Group, split: Split, key: str, options: RunOptions, log: logging.Logger,
+                seen: ResultRecord | None, session: Session | None = None) -> Outcome:
+    """``run_one`` under the job's lock; a record that another run wrote meanwhile is taken as it is.
+
+    An interruption (Ctrl-C, SIGTERM) unwinds through here with the lock released and no
+    record written, so the training state stays for the rerun to resume.
+    """
+    shared = group.family.needs == "volumes" and distributed.world() > 1  # one lock, taken by rank 0
+    path = job.record_path(options.out)
+
+    def waiting() -> None:
+        log.warning("%s: another run is computing it; waiting for it", job.name)
+
+    with job_lock(job, options.out, waiting) if not shared or distributed.rank() == 0 else contextlib.nullcontext():
+        fresh = existing(path)
+        done = is_done(path, fresh, key) and (not options.force or fresh != seen)
+        if distributed.agree(done) if shared else done:
+            return Outcome(job, "cached", metric=fresh.metrics.get(job.protocol.primary_metric) if fresh else None,
+                           seconds=fresh.timing.seconds if fresh else 0.0, message="computed by another run")
+        return run_one(job, group, split, key, options, log, session)

@@ -10,18 +10,27 @@ A bundle is a folder::
     logs/                the runner's logs
     manifest.json        sha256 of every other file, and the bundle schema version
 
-Any change to a file after the bundle was made shows as a hash mismatch.
+Any change to a file after the bundle was made shows as a hash mismatch. A bundle
+holds regular files and folders only, within the size limits below: it is read
+by lstat and ``O_NOFOLLOW``, so a link or a special file is refused before
+anything in the bundle is opened, and nothing outside it is ever read.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
-from pathlib import Path
-from typing import Any, Literal
+import os
+import stat
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import IO, Any, Iterator, Literal
 
 from pydantic import Field
 
-from ..data.manifest import file_sha256
+from ..encoders.card import _NAME as ENCODER_NAME
 from ..results.record import write_atomic
 from ..schema import StrictModel
 
@@ -31,6 +40,10 @@ INFO = "bundle.json"
 CARD = "card.yaml"
 LOAD_REPORT = "load_report.json"
 RECORDS = "records"
+
+MAX_FILE_BYTES = 64 << 20  # per file: records, units sidecars and logs are far smaller
+MAX_BUNDLE_BYTES = 1 << 30  # all files together
+MAX_FILES = 100_000
 
 
 class ProtocolEntry(StrictModel):
@@ -62,7 +75,7 @@ class CheckpointInfo(StrictModel):
 
 class BundleInfo(StrictModel):
     bundle_schema_version: Literal[1] = BUNDLE_SCHEMA_VERSION
-    encoder: str
+    encoder: str = Field(pattern=ENCODER_NAME, max_length=100)  # also a folder name on the leaderboard
     created: str
     card_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # of card.yaml
     card_fingerprint: str  # content hash of the validated card (what the encoder fingerprint uses)
@@ -91,29 +104,129 @@ class BundleError(ValueError):
         super().__init__(f"bundle {bundle} refused: {len(problems)} problem(s)\n  " + "\n  ".join(shown))
 
 
+_KINDS = {stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket", stat.S_IFBLK: "block device", stat.S_IFCHR: "character device"}
+
+
+def _kind(mode: int) -> str:
+    return _KINDS.get(stat.S_IFMT(mode), "special file")
+
+
+class UnsafeFile(ValueError):
+    """A bundle path that is not a regular file within the size limit; the message names it."""
+
+
+@dataclass
+class Scan:
+    files: dict[str, int] = field(default_factory=dict)  # POSIX path relative to the bundle -> size
+    problems: list[str] = field(default_factory=list)
+
+
+def scan_bundle(folder: Path) -> Scan:
+    """Every entry under ``folder`` by lstat, links never followed: regular files, or a problem naming each."""
+    found, stack, total = Scan(), [Path(folder)], 0
+    while stack:
+        here = stack.pop()
+        try:
+            entries = sorted(os.scandir(here), key=lambda e: e.name)
+        except OSError as err:
+            found.problems.append(f"{here}: cannot be listed ({err.strerror})")
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            mode = entry.stat(follow_symlinks=False).st_mode
+            if stat.S_ISLNK(mode):
+                found.problems.append(f"{path}: a symbolic link (to {os.readlink(path)}); a bundle holds regular "
+                                      "files and folders only")
+            elif stat.S_ISDIR(mode):
+                stack.append(path)
+            elif not stat.S_ISREG(mode):
+                found.problems.append(f"{path}: a {_kind(mode)}; a bundle holds regular files and folders only")
+            else:
+                size = entry.stat(follow_symlinks=False).st_size
+                total += size
+                found.files[path.relative_to(folder).as_posix()] = size
+                if size > MAX_FILE_BYTES:
+                    found.problems.append(f"{path}: {size} bytes, over the limit of {MAX_FILE_BYTES} bytes per file")
+        if len(found.files) > MAX_FILES:
+            found.problems.append(f"{folder}: more than {MAX_FILES} files, over the limit per bundle")
+            break
+    if total > MAX_BUNDLE_BYTES:
+        found.problems.append(f"{folder}: {total} bytes in all, over the limit of {MAX_BUNDLE_BYTES} bytes per bundle")
+    return found
+
+
+@contextmanager
+def open_regular(path: Path) -> Iterator[IO[bytes]]:
+    """``path`` opened for reading only if it is a regular file within the size limit, never through a link."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as err:
+        why = "a symbolic link" if err.errno == errno.ELOOP else f"cannot be read ({err.strerror})"
+        raise UnsafeFile(f"{path}: {why}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeFile(f"{path}: a {_kind(info.st_mode)}; a bundle holds regular files and folders only")
+        if info.st_size > MAX_FILE_BYTES:
+            raise UnsafeFile(f"{path}: {info.st_size} bytes, over the limit of {MAX_FILE_BYTES} bytes per file")
+        yield handle
+
+
+def read_bytes(path: Path) -> bytes:
+    with open_regular(path) as handle:
+        return handle.read(MAX_FILE_BYTES + 1)
+
+
+def read_text(path: Path) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open_regular(path) as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def bundle_files(folder: Path) -> list[str]:
-    """Every file of the bundle except the manifest, as sorted POSIX paths relative to ``folder``."""
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST)
+    """Every regular file of the bundle except the manifest (links and special files left out), sorted."""
+    return sorted(name for name in scan_bundle(folder).files if name != MANIFEST)
 
 
 def write_manifest(folder: Path) -> dict[str, Any]:
-    """Hash every file and write ``manifest.json``; returns the manifest."""
+    """Hash every regular file and write ``manifest.json``; returns the manifest."""
     manifest = {"bundle_schema_version": BUNDLE_SCHEMA_VERSION, "algorithm": "sha256",
-                "files": {name: file_sha256(folder / name) for name in bundle_files(folder)}}
+                "files": {name: sha256_of(folder / name) for name in bundle_files(folder)}}
     write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
 
 
-def check_manifest(folder: Path) -> tuple[dict[str, Any] | None, list[str]]:
-    """(manifest, problems): schema version, then every file against its hash, and no file unlisted."""
+def _inside(name: str) -> bool:
+    parts = PurePosixPath(name).parts
+    return bool(parts) and not PurePosixPath(name).is_absolute() and ".." not in parts and "\\" not in name
+
+
+def check_manifest(folder: Path, files: dict[str, int] | None = None) -> tuple[dict[str, Any] | None, list[str]]:
+    """(manifest, problems): schema version, then every file against its hash, and no file unlisted.
+
+    ``files`` is the bundle's scan (``scan_bundle``); a bundle with links or special
+    files is refused before its manifest is read.
+    """
+    if files is None:
+        scan = scan_bundle(folder)
+        if scan.problems:
+            return None, scan.problems
+        files = scan.files
     path = folder / MANIFEST
-    if not path.is_file():
+    if MANIFEST not in files:
         return None, [f"{path}: missing; a bundle is sealed by its manifest (asap-bench submit writes it)"]
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         return None, [f"{path}: not valid JSON ({err})"]
+    except UnsafeFile as err:
+        return None, [str(err)]
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         return None, [f"{path}: field 'files': expected a mapping of file -> sha256"]
     version = manifest.get("bundle_schema_version")
@@ -124,14 +237,20 @@ def check_manifest(folder: Path) -> tuple[dict[str, Any] | None, list[str]]:
     listed: dict[str, str] = manifest["files"]
     for name, digest in sorted(listed.items()):
         target = folder / name
-        if ".." in Path(name).parts or Path(name).is_absolute():
-            problems.append(f"{path}: field 'files.{name}': not a path inside the bundle")
-        elif not target.is_file():
+        if not _inside(name) or name == MANIFEST:
+            problems.append(f"{path}: field 'files.{name}': not a path of a file inside the bundle")
+        elif name not in files:
             problems.append(f"{target}: listed in {MANIFEST} but missing")
-        elif file_sha256(target) != digest:
-            problems.append(f"{target}: sha256 differs from {MANIFEST}'s ({digest[:12]}...): the file was changed "
-                            "after the bundle was made")
-    for name in bundle_files(folder):
-        if name not in listed:
+        else:
+            try:
+                changed = sha256_of(target) != digest
+            except UnsafeFile as err:
+                problems.append(str(err))
+                continue
+            if changed:
+                problems.append(f"{target}: sha256 differs from {MANIFEST}'s ({str(digest)[:12]}...): the file was "
+                                "changed after the bundle was made")
+    for name in sorted(files):
+        if name not in listed and name != MANIFEST:
             problems.append(f"{folder / name}: not listed in {MANIFEST} (added after the bundle was made)")
     return manifest, problems

@@ -10,23 +10,29 @@ Layout (one board for demo-cohort results, one for real data; they never mix)::
 results/leaderboard/demo/records`` renders it. Joining a board also requires
 the bundle to have run on the same data as the encoders already there: the same
 data fingerprint and the same split files for every protocol they share.
+
+Only verified files are copied: each record and its sidecar, and the bundle's
+metadata, read without following links, hashed again against the manifest as
+they are read, and written only to paths inside the board.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
-from pathlib import Path
-from typing import Iterable
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
 
 from ..results.record import now, read_record, write_atomic
 from ..results.store import UNITS_SUFFIX, load_records
-from .bundle import CARD, INFO, LOAD_REPORT, MANIFEST, RECORDS, BundleError
+from .bundle import CARD, INFO, LOAD_REPORT, MANIFEST, RECORDS, BundleError, UnsafeFile, read_bytes
+from .rerun import RerunOptions, verify_rerun
 from .verify import Allowance, VerifiedBundle, verify_bundle
 
 DEFAULT_ROOT = Path("results") / "leaderboard"
@@ -75,9 +81,45 @@ def _shared_data(board: Path, bundle: VerifiedBundle) -> list[str]:
     return problems
 
 
+def _copy_plan(verified: VerifiedBundle) -> dict[str, str]:
+    """Bundle file -> its place under the incoming folder: the job matrix's records and sidecars, and metadata."""
+    plan = {}
+    for rel, record in verified.records.items():  # records/<encoder>/<family>__<task>/<file>
+        task = PurePosixPath(rel).parent
+        for file in [PurePosixPath(rel).name] + ([record.units_file] if record.units_file else []):
+            plan[str(task / file)] = f"{RECORDS}/{task.name}/{file}"
+    for name in (INFO, CARD, LOAD_REPORT, MANIFEST):
+        if name in verified.files or name == MANIFEST:
+            plan[name] = f"{ENTRIES}/{name}"
+    return plan
+
+
+def _copy_verified(verified: VerifiedBundle, name: str, dest: Path, board: Path) -> None:
+    """Copy one bundle file, read without following links and checked against its sealed hash, into the board."""
+    source = verified.folder / name
+    try:
+        data = read_bytes(source)
+    except UnsafeFile as err:
+        raise BundleError(verified.folder, [str(err)]) from None
+    digest = verified.files.get(name)
+    if name != MANIFEST and hashlib.sha256(data).hexdigest() != digest:
+        raise BundleError(verified.folder, [f"{source}: changed while the bundle was being added; add it again"])
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    real_board, real_dest = os.path.realpath(board), os.path.realpath(dest.parent)
+    if os.path.commonpath([real_board, real_dest]) != real_board:
+        raise BundleError(verified.folder, [f"{dest}: outside the board {board}; nothing is written there"])
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+
+
 def add(bundle: str | Path, *, root: str | Path = DEFAULT_ROOT, allow: Iterable[str] = (),
-        replace: bool = False) -> tuple[VerifiedBundle, Path]:
-    """Verify ``bundle`` and merge it into the board; returns (the verified bundle, the board folder)."""
+        replace: bool = False, rerun: RerunOptions | None = None,
+        echo: Callable[[str], None] = print) -> tuple[VerifiedBundle, Path]:
+    """Verify ``bundle`` (and, with ``rerun``, rerun some of its jobs) and merge it into the board.
+
+    Returns (the verified bundle, the board folder).
+    """
     verified = verify_bundle(bundle, [Allowance.parse(a) for a in allow])
     name = verified.info.encoder
     board = board_dir(Path(root), verified.info.synthetic)
@@ -89,15 +131,17 @@ def add(bundle: str | Path, *, root: str | Path = DEFAULT_ROOT, allow: Iterable[
     problems = _shared_data(board, verified)
     if problems:
         raise BundleError(bundle, problems)
+    if rerun is not None:
+        problems = verify_rerun(verified, rerun, echo)
+        if problems:
+            raise BundleError(bundle, problems)
 
     incoming = board / f".incoming-{name}-{os.getpid()}"
     shutil.rmtree(incoming, ignore_errors=True)
     try:
-        shutil.copytree(verified.folder / RECORDS / name, incoming / RECORDS)
-        (incoming / ENTRIES).mkdir(parents=True)
-        for file in (INFO, CARD, LOAD_REPORT, MANIFEST):
-            if (verified.folder / file).is_file():
-                shutil.copy2(verified.folder / file, incoming / ENTRIES / file)
+        for source, dest in sorted(_copy_plan(verified).items()):
+            _copy_verified(verified, source, incoming / dest, board)
+        (incoming / RECORDS).mkdir(parents=True, exist_ok=True)
         write_atomic(incoming / ENTRIES / "added.json", json.dumps(
             {"added": now(), "bundle": Path(bundle).resolve().name, "records": len(verified.records),
              "older_protocol_versions": verified.older}, indent=1) + "\n")

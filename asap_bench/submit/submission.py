@@ -23,8 +23,7 @@ from ..data.manifest import file_sha256
 from ..data.roots import resolve_data_root
 from ..encoders.checkpoints import DEFAULT_MIN_FRACTION
 from ..protocol import select_protocols
-from ..results.record import now, read_record, software, write_atomic
-from ..results.store import UNITS_SUFFIX
+from ..results.record import FAILED_SUFFIX, UNITS_SUFFIX, now, read_record, software, write_atomic
 from ..runner.cli_run import setup_log, summarise
 from ..runner.jobs import expand
 from ..runner.local import RunOptions, run_jobs
@@ -64,12 +63,19 @@ def _prepare_out(out: Path, encoder: str) -> None:
     (out / MANIFEST).unlink(missing_ok=True)  # resealed at the end
 
 
+def _owner(path: Path) -> Path:
+    """The record a file belongs to: itself, or the record whose sidecar or failed rerun it is."""
+    for suffix in (UNITS_SUFFIX, FAILED_SUFFIX):
+        if path.name.endswith(suffix):
+            return path.with_name(path.name[: -len(suffix)] + ".json")
+    return path
+
+
 def _prune(records: Path, keep: set[Path]) -> list[Path]:
     """Remove records (and sidecars) of an earlier run that are not in this job matrix."""
     removed = []
     for path in sorted(records.rglob("*.json")) if records.is_dir() else []:
-        record = path.with_name(path.name[: -len(UNITS_SUFFIX)] + ".json") if path.name.endswith(UNITS_SUFFIX) else path
-        if record.resolve() not in keep:
+        if _owner(path).resolve() not in keep:
             path.unlink()
             removed.append(path)
     return removed
@@ -144,7 +150,8 @@ def submit(card_spec: str | Path, options: SubmitOptions, echo: Callable[[str], 
             adapted=len(report.adapted)),
         variant=variant, synthetic=synthetic, data_root="demo" if synthetic else root.resolve().name,
         smoke=options.smoke, seeds=sorted({j.seed for j in jobs}), tasks=list(tasks), protocols=entries,
-        data=data, environment={**software(), "device": options.device, "torch_threads": torch.get_num_threads()},
+        data=data, environment={**software(), "device": options.device, "torch_threads": torch.get_num_threads(),
+                     "batch_size": options.batch_size, "interpolate_pos": options.interpolate_pos},
         jobs={"ok": counts["ok"] + counts["cached"], "failed": counts["failed"], "skipped": counts["skipped"]},
         smoke_forward=forward)
     write_atomic(out / INFO, info.model_dump_json(indent=1) + "\n")

@@ -8,21 +8,32 @@ and score every test case (or, for an external validation, every target case
 with its labels mapped by ``transfer.label_map``) by MONAI sliding-window
 inference on the whole preprocessed volume.
 
-Determinism, resumption and data parallelism share one rule: the crops of step
-``s`` are drawn item by item, item ``j`` from a generator seeded by
-``(seed, s, j)``. Under torchrun rank ``r`` takes items ``r, r + world, ...`` and
-DDP averages the gradients, which equals the one-process step; a job killed
-after its last checkpoint restarts from that step with the same model,
-optimiser, best-validation state and RNG states and ends where an
-uninterrupted run ends.
+Determinism, resumption and data parallelism share one rule: a step is
+``volumes_per_step`` items, item ``j`` of step ``s`` being the crops of one
+volume drawn from a generator seeded by ``(seed, s, j)``, and the step's
+gradient is the mean over items of each item's own forward and backward pass.
+Under torchrun rank ``r`` takes items ``r, r + world, ...`` and DDP averages
+over ranks. Every item's gradient is thus computed on the same tensor shapes by
+the same kernels whatever the number of processes; only the order of the final
+sum over items can differ (not at all with one item per rank). Summing instead
+over one batch of all crops would not do: the batch size changes the kernels'
+rounding, instance normalisation of near-constant features magnifies it (about
+1e-3 relative in the ViT's gradients) and AdamW's first steps, close to
+``lr * sign(gradient)``, turn it into visibly different weights.
+
+A job killed after its last checkpoint restarts from that step with the same
+model, optimiser, best-validation state and RNG states and ends where an
+uninterrupted run ends. The state file is read weights-only (tensors and plain
+values), so a file planted in the work folder cannot run code; one that cannot
+be read or was made for another configuration is ignored with a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
+import copy
+import math
 import random
-import tempfile
 import time
 import warnings
 from collections import OrderedDict
@@ -35,6 +46,7 @@ from monai import transforms as mt
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 
+from .. import files
 from ..data.seg_volumes import SegVolume, SegVolumeCache
 from ..metrics.segmentation import dice_per_case, score_case, summarise
 from ..protocol import Protocol
@@ -161,24 +173,27 @@ class Trainer:
         self.losses: list[float] = []  # training losses since the last validation
 
     # ------------------------------------------------------------------ crops
-    def crops(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's crops of ``step``: items r, r + world, ... of the step's global draw."""
+    def items(self) -> range:
+        """This rank's items of every step: r, r + world, ... of the step's global draw."""
+        return range(self.rank, self.volumes_per_step, self.world)
+
+    def crops(self, step: int, item: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item ``item`` of ``step``: the crops of one volume, all drawn from the seed (seed, step, item)."""
+        rng = np.random.default_rng([self.seed, step, item])
+        case = self.train_ids[int(rng.integers(len(self.train_ids)))]
+        volume = self.volumes[case]
+        image = torch.from_numpy(volume.image)
+        mask = torch.from_numpy(volume.mask)
+        if any(s < r for s, r in zip(image.shape[1:], self.roi)):
+            image = _plain(mt.SpatialPad(self.roi, value=self.pad_image_value)(image))
+            mask = _plain(mt.SpatialPad(self.roi, value=0)(mask))
+        self.cropper.set_random_state(seed=int(rng.integers(2 ** 31)))
         images, masks = [], []
-        for item in range(self.rank, self.volumes_per_step, self.world):
-            rng = np.random.default_rng([self.seed, step, item])
-            case = self.train_ids[int(rng.integers(len(self.train_ids)))]
-            volume = self.volumes[case]
-            image = torch.from_numpy(volume.image)
-            mask = torch.from_numpy(volume.mask)
-            if any(s < r for s, r in zip(image.shape[1:], self.roi)):
-                image = _plain(mt.SpatialPad(self.roi, value=self.pad_image_value)(image))
-                mask = _plain(mt.SpatialPad(self.roi, value=0)(mask))
-            self.cropper.set_random_state(seed=int(rng.integers(2 ** 31)))
-            with warnings.catch_warnings():  # a volume without foreground falls back to negative crops
-                warnings.simplefilter("ignore")
-                for crop in self.cropper({"image": image, "mask": mask}):
-                    images.append(_plain(crop["image"]))
-                    masks.append(_plain(crop["mask"]))
+        with warnings.catch_warnings():  # a volume without foreground falls back to negative crops
+            warnings.simplefilter("ignore")
+            for crop in self.cropper({"image": image, "mask": mask}):
+                images.append(_plain(crop["image"]))
+                masks.append(_plain(crop["mask"]))
         return torch.stack(images).float(), torch.stack(masks).long()
 
     # ------------------------------------------------------------------ state
@@ -186,78 +201,110 @@ class Trainer:
     def state_path(self) -> Path:
         return self.work_dir / CHECKPOINT
 
+    def state(self) -> dict[str, Any]:
+        """Everything a rerun needs to continue at ``self.step``, as tensors and plain values only."""
+        return {"fingerprint": self.fingerprint, "step": self.step, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "best_val": self.best_val, "best_step": self.best_step,
+                "best_state": self.best_state, "history": self.history, "losses": self.losses,
+                "rng": _rng_state(self.cuda)}
+
+    def apply(self, state: dict[str, Any]) -> None:
+        """Take over ``state``; a part that does not fit the model raises (the caller rolls back)."""
+        own, best = self.model.state_dict(), state["best_state"]
+        if best is not None and (set(best) != set(own) or any(best[k].shape != own[k].shape for k in own)):
+            raise ValueError("best_state does not match the model's tensors")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.best_val, self.best_step = int(state["step"]), state["best_val"], int(state["best_step"])
+        self.best_state, self.history, self.losses = state["best_state"], state["history"], state["losses"]
+        _set_rng_state(state["rng"], self.cuda)
+
     def save(self) -> None:
-        """Everything a rerun needs to continue at ``self.step``; written atomically by rank 0."""
+        """The state, written atomically by rank 0."""
         if self.rank == 0:
-            state = {"fingerprint": self.fingerprint, "step": self.step, "model": self.model.state_dict(),
-                     "optimizer": self.optimizer.state_dict(), "best_val": self.best_val,
-                     "best_step": self.best_step, "best_state": self.best_state, "history": self.history,
-                     "losses": self.losses,
-                     "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                             "python": random.getstate(),
-                             "cuda": torch.cuda.get_rng_state_all() if self.cuda else None}}
-            self.work_dir.mkdir(parents=True, exist_ok=True)
-            handle, tmp = tempfile.mkstemp(dir=self.work_dir, prefix=f".{CHECKPOINT}.", suffix=".tmp")
-            os.close(handle)
-            try:
-                torch.save(state, tmp)
-                os.replace(tmp, self.state_path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            state = self.state()
+            files.write_atomic(self.state_path, lambda out: torch.save(state, out))
         distributed.barrier()
 
     def restore(self) -> bool:
+        """Continue from the saved state if every rank can use it; otherwise warn and start fresh."""
         if not distributed.agree(self.state_path.is_file()):
             return False
-        state = torch.load(self.state_path, map_location="cpu", weights_only=False)
-        if state.get("fingerprint") != self.fingerprint:
-            self.log.warning("ignoring training state %s: made for another configuration", self.state_path)
+        fresh = copy.deepcopy(self.state())
+        problem = self._resume()
+        if distributed.total(int(problem is None)) < self.world:
+            self.apply(fresh)
+            self.log.warning("ignoring training state %s: %s; training starts from step 0", self.state_path,
+                             problem or "another process could not use it")
             return False
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.best_val, self.best_step = state["step"], state["best_val"], state["best_step"]
-        self.best_state, self.history, self.losses = state["best_state"], state["history"], state["losses"]
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if self.cuda and rng.get("cuda") is not None:
-            torch.cuda.set_rng_state_all(rng["cuda"])
         self.resumed_from = self.step
         self.log.info("resuming from step %d (%s)", self.step, self.state_path)
         return True
+
+    def _resume(self) -> str | None:
+        """Apply the saved state; None on success, else why it was not usable (then partly applied)."""
+        try:
+            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # refused pickle, truncated or garbled: never unpickled further
+            return f"not a readable weights-only file ({_first_line(err)})"
+        if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
+            return "made for another configuration"
+        try:
+            self.apply(state)
+        except Exception as err:
+            return f"does not fit this job ({type(err).__name__}: {_first_line(err)})"
+        return None
 
     # ------------------------------------------------------------------ loop
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
 
     def train_step(self, step: int) -> float:
+        """One optimiser step over this rank's items, one forward/backward each; returns the step's mean loss.
+
+        Each item's loss is scaled by world / volumes_per_step, so DDP's mean over ranks is the
+        mean over all items. Gradients are synchronised on the last item only, after every rank
+        has checked the step's loss, so a non-finite loss stops all ranks together.
+        """
         self.net.train()
-        images, masks = self.crops(step)
-        images, masks = images.to(self.device), masks.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            logits = self.net(images)
-        loss = self.loss(logits.float(), masks)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss.item()} at step {step}")
-        loss.backward()
+        mine = list(self.items())
+        scale = self.world / self.volumes_per_step
+        total = 0.0
+        for index, item in enumerate(mine):
+            images, masks = (t.to(self.device) for t in self.crops(step, item))
+            last = index == len(mine) - 1
+            with contextlib.nullcontext() if last or self.world == 1 else self.net.no_sync():
+                with self.autocast():
+                    logits = self.net(images)
+                loss = self.loss(logits.float(), masks)
+                total += float(loss.detach())
+                if last:
+                    mean = self._all_sum(total) / self.volumes_per_step
+                    if not math.isfinite(mean):
+                        raise FloatingPointError(f"training loss is {mean} at step {step}")
+                (loss * scale).backward()
         self.optimizer.step()
-        return float(loss.detach())
+        return mean
+
+    def _all_sum(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor)
+        return float(tensor.item())
 
     def validate(self) -> float | None:
         """Mean foreground Dice over the validation cases (sharded over ranks)."""
-        mine = self.val_ids[self.rank::self.world]
         values = []
-        for case in mine:
-            volume = self.volumes[case]
+        for index in range(self.rank, len(self.val_ids), self.world):
+            volume = self.volumes[self.val_ids[index]]
             pred = predict(self.model, volume.image, self.roi, self.s, self.device)
             dice = dice_per_case(pred, torch.from_numpy(volume.mask[0]), self.labels, self.n_classes)
             if dice is not None:
-                values.append(dice)
+                values.append((index, dice))
         gathered = distributed.agree(distributed.gather(values))
-        return float(np.mean(gathered)) if gathered else None
+        return float(np.mean([dice for _, dice in sorted(gathered)])) if gathered else None  # in case order
 
     def fit(self) -> None:
         self.restore()
@@ -281,6 +328,32 @@ class Trainer:
                 self.save()
         self.seconds = time.perf_counter() - started
         self.steps_run = self.step - first
+
+
+def _first_line(err: BaseException) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+
+
+def _rng_state(cuda: bool) -> dict[str, Any]:
+    """Every RNG the loop may touch, as tensors and plain values (all a weights-only file can hold)."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else None,
+            "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "gauss": float(gauss)},
+            "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
+                       "gauss": gauss_next}}
+
+
+def _set_rng_state(rng: dict[str, Any], cuda: bool) -> None:
+    torch.set_rng_state(rng["torch"])
+    numpy = rng["numpy"]
+    np.random.set_state(("MT19937", numpy["key"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["gauss"]))
+    python = rng["python"]
+    random.setstate((python["version"], tuple(int(v) for v in python["state"].tolist()), python["gauss"]))
+    if cuda and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def predict(model: torch.nn.Module, image: np.ndarray, roi: tuple[int, int, int], settings: dict[str, Any],
