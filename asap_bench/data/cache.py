@@ -35,6 +35,7 @@ from .. import files
 from ..encoders.card import InputSpec
 from ..schema import content_hash
 from .cache_kinds import FEATURES, KINDS, VOLUMES
+from .io import read_error
 from .manifest import Manifest, file_identity, file_sha256, files_identity
 
 if TYPE_CHECKING:
@@ -293,8 +294,7 @@ class VolumeCache:
         try:
             tensor = self.transform({"image": str(source)})["image"]
         except Exception as err:  # a corrupt or unreadable file: name it, keep the cause
-            raise VolumeError(f"{source}: cannot be read and preprocessed ({type(err).__name__}: "
-                              f"{str(err).splitlines()[-1] if str(err) else ''})") from err
+            raise VolumeError(f"{source}: cannot be read and preprocessed ({read_error(err)})") from err
         array = np.asarray(tensor, dtype=np.float32)
         if not np.isfinite(array).all():
             raise VolumeError(f"{source}: preprocessing produced non-finite values")

@@ -21,6 +21,18 @@ import nibabel as nib
 import numpy as np
 
 
+def read_error(err: BaseException) -> str:
+    """Why a file could not be read, as ``Type: message`` of the innermost cause.
+
+    MONAI's ``LoadImage`` wraps the reader's own error (``EOFError: Compressed file ended
+    before the end-of-stream marker was reached``) in one that names only the transform.
+    """
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ if err.__cause__ is not None else err.__context__
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[-1]}" if text else type(err).__name__
+
+
 class FormatError(ValueError):
     """A file that cannot be read as the format its dataset promises; names the file."""
 

@@ -25,6 +25,7 @@ from ..encoders.card import InputSpec
 from ..schema import content_hash
 from .cache import DamagedEntry, discard, read_arrays, write_arrays, write_meta
 from .cache_kinds import SEG_VOLUMES
+from .io import read_error
 from .manifest import Manifest, file_identity
 from .transforms import build_preprocessing
 
@@ -98,8 +99,7 @@ class SegVolumeCache:
         try:
             raw = self.load({"image": str(image_file), "mask": str(mask_file)})
         except Exception as err:
-            raise ValueError(f"{image_file} / {mask_file}: cannot be read ({type(err).__name__}: "
-                             f"{str(err).splitlines()[-1] if str(err) else ''})") from err
+            raise ValueError(f"{image_file} / {mask_file}: cannot be read ({read_error(err)})") from err
         check_same_grid(raw["image"], raw["mask"], image_file, mask_file)
         out = self._preprocess(raw)
         image = np.asarray(out["image"], dtype=np.float32)

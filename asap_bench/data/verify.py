@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .cards import dataset_names, load_card
+from .io import read_error
 from .manifest import Manifest, ManifestError, data_fingerprint, load_manifest
 
 SPACING_MM = (0.05, 25.0)  # plausible voxel size range (CT, MRI, candidate patches)
@@ -149,7 +150,7 @@ def _check_table(manifest: Manifest, report: Report, open_files: bool) -> None:
         try:
             volume = _open(path)
         except Exception as err:  # any reader failure means the file cannot be used
-            message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            message = read_error(err)
             report.problems.append(Problem(str(path), f"{role} file cannot be read: {message[:300]}", dataset, case))
             return None
         report.files += 1
