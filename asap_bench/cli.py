@@ -480,6 +480,44 @@ def encoders_show(name: str) -> None:
     _echo_yaml(card)
 
 
+@encoders.command("check")
+@click.argument("names", nargs=-1)
+@click.option("--task", "tasks", multiple=True, default=("all",), show_default=True,
+              help="'all', a family (cls), a glob ('seg/*') or ids; repeat or comma-separate.")
+@click.option("--variant", type=click.Choice(["native", "demo", "both"]), default="both", show_default=True)
+@click.option("--all-pairs", is_flag=True, help="One row per (encoder, protocol, variant) instead of a summary.")
+@friendly
+def encoders_check(names: tuple[str, ...], tasks: tuple[str, ...], variant: str, all_pairs: bool) -> None:
+    """Build every encoder (NAME ..., default all) at the effective input of every protocol, on the meta device.
+
+    No data, weights or compute: a meta tensor of the input the harness would feed goes
+    through each encoder; shapes, the token grid's cover of the (padded) input, UNETR's
+    hidden states and a published-size checkpoint's fit are checked. Exits 1 naming every
+    failing pair. Whether a run needs --interpolate-pos is shown, not failed.
+    """
+    from .encoders.check import check_encoders, summary_rows
+    from .encoders.registry import all_encoder_names
+    from .protocol import select_protocols
+
+    chosen = list(names) or all_encoder_names()
+    _check_encoders(chosen)
+    variants = ("native", "demo") if variant == "both" else (variant,)
+    rows = check_encoders(chosen, select_protocols(tasks), variants)
+    if all_pairs:
+        table = [{**vars(r), "status": "ok" if r.ok else "FAILED"} for r in rows]
+        click.echo(_table(table, ["encoder", "protocol", "variant", "input", "grid", "status", "adaptation"]))
+    else:
+        click.echo(_table(summary_rows(rows), ["encoder", "variant", "protocols", "input", "grid", "status",
+                                               "adaptation"]))
+    failed = [r for r in rows if not r.ok]
+    click.echo(f"\n{len(rows)} pairs ({len(chosen)} encoders x {len(rows) // max(len(chosen) * len(variants), 1)} "
+               f"protocols x {len(variants)} variant(s)): {len(rows) - len(failed)} ok, {len(failed)} failed")
+    if failed:
+        for row in failed:
+            click.echo(f"failed: {row.variant}: {row.problem}", err=True)
+        sys.exit(1)
+
+
 # --------------------------------------------------------------------------- demo
 
 @main.group()

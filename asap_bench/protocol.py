@@ -86,7 +86,12 @@ class Preprocessing(StrictModel):
     """What every encoder is fed under this protocol (its ``paper`` input).
 
     ``input: native`` lets each encoder use its own published InputSpec instead;
-    ``paper`` feeds all encoders the ASAP input, as the paper does.
+    ``paper`` feeds all encoders the ASAP input, as the paper does. The defaults are
+    the ASAP benchmark's test transform (``Benchmark/Classification/utils/data_utils.py``,
+    ``transform_test``): RAS, 1.5 x 1.5 x 3 mm, -1000..1000 HU to [-1, 1], then a
+    centre crop to 224 x 224 x 112 and reflect padding where the volume is smaller; no
+    resampling to the size. ``resize: resize`` (scale the whole volume to ``size``) is
+    kept as a named alternative.
     """
 
     input: Literal["paper", "native"] = "paper"
@@ -96,7 +101,8 @@ class Preprocessing(StrictModel):
     hu_window: tuple[float, float] | None = (-1000.0, 1000.0)
     value_range: tuple[float, float] = (-1.0, 1.0)
     size: tuple[int, int, int] = (224, 224, 112)  # H, W, D after resize / crop-or-pad
-    resize: Literal["resize", "crop_or_pad"] = "resize"
+    resize: Literal["resize", "crop_or_pad"] = "crop_or_pad"  # crop_or_pad: centre crop, pad where smaller
+    pad_mode: Literal["constant", "reflect", "edge"] = "reflect"  # constant pads with value_range's low end
 
     @model_validator(mode="after")
     def _intensity(self) -> "Preprocessing":

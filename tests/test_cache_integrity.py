@@ -228,7 +228,7 @@ def test_damaged_feature_entry_is_named_rebuilt_and_gives_the_same_metrics(world
 
 
 def _spec(protocol: str):
-    return local.effective_input(get_protocol(protocol), get_card("random"), "demo")
+    return local.effective_input(get_protocol(protocol), get_card("random"), "demo").spec
 
 
 def _stoic_volumes(world: Path) -> tuple[VolumeCache, str]:

@@ -152,17 +152,20 @@ def test_incomplete_or_foreign_bundles_are_refused(copy, tmp_path):
 
 def test_older_protocol_version_needs_explicit_permission(bundles, tmp_path):
     root = tmp_path / "board"
+    bumped = protocols_module.shipped_protocols()[TASK].version + 1  # the version the "older" bundle ran under
     assert _invoke("leaderboard", "add", bundles / "random", "--root", root).exit_code == 0
     refused = _invoke("leaderboard", "add", bundles / "older", "--root", root)
     assert refused.exit_code == 1
-    assert "bundle.json: field 'protocols.cls/stoic.fingerprint': cls/stoic was run under version 2" in refused.output
-    assert "--allow-protocol-version cls/stoic@2" in refused.output
-    wrong = _invoke("leaderboard", "add", bundles / "older", "--root", root, "--allow-protocol-version", "cls/stoic@3")
+    assert f"bundle.json: field 'protocols.cls/stoic.fingerprint': cls/stoic was run under version {bumped}" \
+        in refused.output
+    assert f"--allow-protocol-version cls/stoic@{bumped}" in refused.output
+    wrong = _invoke("leaderboard", "add", bundles / "older", "--root", root, "--allow-protocol-version",
+                    f"cls/stoic@{bumped + 1}")
     assert wrong.exit_code == 1
     allowed = _invoke("leaderboard", "add", bundles / "older", "--root", root,
-                      "--allow-protocol-version", "cls/stoic@2")
+                      "--allow-protocol-version", f"cls/stoic@{bumped}")
     assert allowed.exit_code == 0, allowed.output
-    assert "cls/stoic: accepted at older version 2" in allowed.output
+    assert f"cls/stoic: accepted at older version {bumped}" in allowed.output
 
     shown = _invoke("leaderboard", "show", "--root", root, "--format", "json")
     assert shown.exit_code == 0, shown.output
@@ -170,7 +173,7 @@ def test_older_protocol_version_needs_explicit_permission(bundles, tmp_path):
     assert ranking["random-wide"]["settings"] == ranking["random"]["settings"] == 3  # never pooled together
     assert json.loads(shown.output)["comparisons"] == []  # no setting holds both
     text = _invoke("leaderboard", "show", "--root", root)
-    assert text.exit_code == 0 and "cls/stoic@v2-" in text.output
+    assert text.exit_code == 0 and f"cls/stoic@v{bumped}-" in text.output
 
 
 def test_results_on_other_data_do_not_join_the_board(bundles, copy, tmp_path):

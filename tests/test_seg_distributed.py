@@ -45,7 +45,7 @@ manifest = load_manifest(root, "fumpe")
 split = make_split(manifest, protocol, 0)
 split = dataclasses.replace(split, train=split.train[:4], val=split.val[:1], test=split.test[:2],
                             regimes={ratio_name(1.0): split.train[:4]})
-spec = effective_input(protocol, get_card("random"), "demo")
+spec = effective_input(protocol, get_card("random"), "demo").spec
 card = get_card("random")
 card = card.model_copy(update={"architecture": {**card.architecture_for("demo"), "img_size": list(spec.tensor_size())}})
 

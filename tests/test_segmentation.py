@@ -45,7 +45,7 @@ def make_inputs(root: Path, work: Path, protocol_id: str, params: dict | None = 
     train = split.train[:n_train]
     split = dataclasses.replace(split, train=train, val=split.val[:n_val], test=split.test[:n_test],
                                 regimes={ratio_name(1.0): train})
-    spec = effective_input(protocol, get_card(encoder), "demo")
+    spec = effective_input(protocol, get_card(encoder), "demo").spec
     card = sized_card(encoder, spec)
 
     def build():
@@ -69,7 +69,7 @@ def make_inputs(root: Path, work: Path, protocol_id: str, params: dict | None = 
 def test_whole_volumes_are_cached_unresized(demo_root, tmp_path):
     protocol = get_protocol("seg/segthor")
     manifest = load_manifest(demo_root, "segthor")
-    native = effective_input(protocol, get_card("random"), "native")  # 1.5 x 1.5 x 3 mm, size 96 x 96 x 48
+    native = effective_input(protocol, get_card("random"), "native").spec  # 1.5 x 1.5 x 3 mm, size 96 x 96 x 48
     cache = SegVolumeCache(manifest, native, tmp_path)
     case = manifest.frame.index[0]
     volume = cache.get(case)
@@ -104,7 +104,7 @@ def test_mask_grid_mismatch_names_both_files(demo_root, tmp_path, mask_shape, ma
     frame = manifest.frame.iloc[:1].copy()
     frame.loc[case, "image"], frame.loc[case, "mask"] = "images/x.nii.gz", "masks/x.nii.gz"
     broken = dataclasses.replace(manifest, path=folder / "volumes.csv", frame=frame)
-    spec = effective_input(get_protocol("seg/msd-lung"), get_card("random"), "demo")
+    spec = effective_input(get_protocol("seg/msd-lung"), get_card("random"), "demo").spec
     with pytest.raises(MaskMismatch, match=problem) as err:
         SegVolumeCache(broken, spec, tmp_path / "cache").get(case)
     assert str(image) in str(err.value) and str(mask) in str(err.value)

@@ -12,7 +12,10 @@ from __future__ import annotations
 import logging
 import warnings
 
+import numpy as np
+import torch
 from monai import transforms as mt
+from monai.data import MetaTensor
 
 from ..encoders.card import InputSpec
 from ..protocol import Preprocessing
@@ -43,15 +46,54 @@ def _axis_permutation(axis_order: str) -> tuple[int, ...]:
 
 
 def _size(spec: InputSpec, keys: list[str]) -> list[mt.Transform]:
-    """Bring ``keys`` to ``spec.size``: resample, or crop / pad (a mask pads with background)."""
+    """Bring ``keys`` to ``spec.size``: resample, or crop / pad (a mask pads with background); then to
+    ``spec.fit_size``, the size the encoder's patches tile, by a centred pad or crop of the same kind."""
     if spec.resize == "resize":
         modes = ("trilinear", "nearest")[: len(keys)]
-        return [mt.Resized(keys, spatial_size=spec.size, mode=modes)]
+        steps: list[mt.Transform] = [mt.Resized(keys, spatial_size=spec.size, mode=modes)]
+    else:
+        steps = _pad_or_crop(spec, keys, spec.size)
+    if spec.fit_size is not None and tuple(spec.fit_size) != tuple(spec.size):
+        steps += _pad_or_crop(spec, keys, spec.fit_size)
+    return steps
+
+
+class NumpyReflectPadd(mt.MapTransform):
+    """Centred crop, then symmetric padding to ``spatial_size`` with numpy's ``reflect``.
+
+    The ASAP benchmark's MONAI 0.8 ``SpatialPad(mode="reflect")`` ran ``np.pad`` on arrays. Torch's reflect
+    padding, which MONAI uses on tensors today, refuses a border as wide as the volume, where numpy keeps
+    reflecting; for narrower borders the two agree. Meta data is kept; it is not read after the size step.
+    """
+
+    def __init__(self, keys, spatial_size: tuple[int, int, int]):
+        super().__init__(keys)
+        self.crop = mt.CenterSpatialCrop(spatial_size)
+        self.size = tuple(int(s) for s in spatial_size)
+
+    def __call__(self, data):
+        out = dict(data)
+        for key in self.key_iterator(out):
+            image = self.crop(out[key])
+            widths = [(0, 0)] + [((s - n) // 2, s - n - (s - n) // 2) if n < s else (0, 0)
+                                 for n, s in zip(image.shape[1:], self.size)]
+            if any(w != (0, 0) for w in widths):
+                padded = torch.from_numpy(np.pad(np.asarray(image), widths, mode="reflect"))
+                image = MetaTensor(padded, meta=image.meta) if isinstance(image, MetaTensor) else padded
+            out[key] = image
+        return out
+
+
+def _pad_or_crop(spec: InputSpec, keys: list[str], size: tuple[int, int, int]) -> list[mt.Transform]:
+    """Centred crop / pad to ``size``: the image with the spec's pad mode and value, a mask with background."""
     pad = spec.pad_value if spec.pad_value is not None else (spec.value_range or (0.0,))[0]
-    steps = [mt.ResizeWithPadOrCropd(["image"], spatial_size=spec.size, mode=spec.pad_mode,
-                                     **({"value": pad} if spec.pad_mode == "constant" else {}))]
+    if spec.pad_mode == "reflect":
+        steps: list[mt.Transform] = [NumpyReflectPadd(["image"], size)]
+    else:
+        steps = [mt.ResizeWithPadOrCropd(["image"], spatial_size=size, mode=spec.pad_mode,
+                                         **({"value": pad} if spec.pad_mode == "constant" else {}))]
     if "mask" in keys:
-        steps.append(mt.ResizeWithPadOrCropd(["mask"], spatial_size=spec.size, mode="constant", value=0))
+        steps.append(mt.ResizeWithPadOrCropd(["mask"], spatial_size=size, mode="constant", value=0))
     return steps
 
 
@@ -99,5 +141,5 @@ def input_for(preprocessing: Preprocessing, native: InputSpec) -> InputSpec:
         spacing=preprocessing.spacing, orientation=preprocessing.orientation, intensity=preprocessing.intensity,
         hu_window=preprocessing.hu_window if preprocessing.intensity == "hu_window" else None,
         value_range=preprocessing.value_range, size=preprocessing.size, resize=preprocessing.resize,
-        channels=native.channels, axis_order=native.axis_order,
+        pad_mode=preprocessing.pad_mode, channels=native.channels, axis_order=native.axis_order,
     )

@@ -9,14 +9,15 @@ vision-language heads, and per-block hidden states for a UNETR decoder.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..schema import content_hash
-from .card import EncoderCard, InputSpec
+from .card import EncoderCard, InputSpec, base_variant
 
 
 @dataclass
@@ -33,9 +34,17 @@ class Encoder(nn.Module):
     ``adapt_tensor`` lets a family reshape a checkpoint tensor whose shape differs
     from the module's (e.g. interpolate a position embedding to another grid); it
     is only called when the caller asked for it, and every use is reported.
+
+    The class methods describe the geometry from a card architecture alone, so an
+    input is checked before any module is made: what each tensor axis must be a
+    multiple of, how many voxels a token spans, and what kind of position table
+    the module has. ``rebuilt_keys`` names the tensors a fitted variant builds
+    afresh instead of loading (see ``encoders.fit``).
     """
 
     family: ClassVar[str]
+    patch_embedding_keys: ClassVar[tuple[str, ...]] = ()  # state-dict prefixes of the patch embedding
+    position_keys: ClassVar[tuple[str, ...]] = ()  # state-dict keys of grid-bound position tables
 
     def __init__(self, card: EncoderCard, variant: str = "native"):
         super().__init__()
@@ -73,8 +82,85 @@ class Encoder(nn.Module):
         """Return ``tensor`` reshaped to ``shape`` for ``key``, or None when this family cannot."""
         return None
 
+    @classmethod
+    def input_multiple(cls, arch: dict[str, Any]) -> tuple[int, int, int]:
+        """What each tensor axis (in axis order) must be a multiple of for every voxel to reach a token.
+
+        A patch embedding drops the remainder of an axis that its patch does not divide.
+        """
+        patch = arch.get("patch_size")
+        return tuple(int(p) for p in patch) if patch else (1, 1, 1)  # type: ignore[return-value]
+
+    @classmethod
+    def token_stride(cls, arch: dict[str, Any]) -> tuple[int, int, int] | None:
+        """Voxels per token along each axis (the token grid is the input divided by it); None = not fixed."""
+        patch = arch.get("patch_size")
+        return tuple(int(p) for p in patch) if patch else None  # type: ignore[return-value]
+
+    @classmethod
+    def position_table(cls, arch: dict[str, Any]) -> str:
+        """'learned': a table carried by the checkpoint and bound to its grid; 'fixed': a formula, rebuilt for
+        any grid; 'none': no table tied to the grid."""
+        return "none"
+
+    def published_grid(self, n_tokens: int) -> tuple[int, ...] | None:
+        """The token grid of a checkpoint position table with ``n_tokens`` slots, from the count alone.
+
+        First the published size variants of this card (native first) whose grid has that
+        many tokens; failing those, this module's grid scaled uniformly, or a cube. None
+        when nothing fits; an error when several distinct grids do.
+        """
+        from .checkpoints import CheckpointError
+
+        published = {}
+        for variant in ["native", *self.card.sizes]:
+            grid = token_grid(self.card.architecture_for(variant)) if variant == base_variant(variant) else None
+            if grid is not None and math.prod(grid) == n_tokens:
+                published.setdefault(grid, variant)
+        found = list(published)
+        if not found:
+            own = token_grid(self.arch) or ()
+            guesses = []
+            if own:
+                ratio = (n_tokens / math.prod(own)) ** (1 / 3)
+                guesses.append(tuple(max(1, round(g * ratio)) for g in own))  # same aspect as this module
+            side = max(1, round(n_tokens ** (1 / 3)))
+            guesses.append((side, side, side))  # SimCroP's assumption
+            found = [g for g in dict.fromkeys(guesses) if math.prod(g) == n_tokens]
+        if len(found) > 1:
+            named = ", ".join(f"{'x'.join(map(str, g))}" + (f" ({published[g]})" if g in published else "")
+                              for g in found)
+            raise CheckpointError(f"encoder {self.card.name!r}: a position table of {n_tokens} tokens fits several "
+                                  f"grids ({named}); the source grid is ambiguous, so it is not resampled")
+        return found[0] if found else None
+
+    def rebuilt_keys(self) -> list[str]:
+        """Module keys a checkpoint of the published size does not fill, because this fitted variant rebuilt them.
+
+        A changed patch size rebuilds the patch embedding and the position table; a fixed
+        (formula) table on another grid is rebuilt for its grid. Published variants rebuild nothing.
+        """
+        source_variant = base_variant(self.variant)
+        if source_variant == self.variant:
+            return []
+        source = self.card.architecture_for(source_variant)
+        prefixes: tuple[str, ...] = ()
+        if source.get("patch_size") != self.arch.get("patch_size"):
+            prefixes = self.patch_embedding_keys + self.position_keys
+        elif self.position_table(self.arch) == "fixed" and token_grid(source) != token_grid(self.arch):
+            prefixes = self.position_keys
+        return sorted(k for k in self.state_dict() if prefixes and k.startswith(prefixes))
+
     def set_fused_attention(self, enabled: bool) -> None:
         """Switch scaled_dot_product_attention on or off (benchmarks); no-op without attention."""
+
+
+def token_grid(arch: dict[str, Any]) -> tuple[int, ...] | None:
+    """img_size // patch_size of a patch-based architecture (axis order); None without both."""
+    img, patch = arch.get("img_size"), arch.get("patch_size")
+    if not img or not patch:
+        return None
+    return tuple(int(i) // int(p) for i, p in zip(img, patch))
 
 
 def encoder_fingerprint(card: EncoderCard, variant: str, checkpoint_sha256: str | None) -> str:

@@ -19,7 +19,14 @@ Conventions
 - ``architecture`` holds size parameters. ``img_size`` and ``patch_size`` are in
   ``input.axis_order``, so ``img_size`` is ``input.size`` permuted (checked).
   ``sizes.<variant>`` overrides architecture keys (``demo`` is required: the same
-  family, small enough for CPU tests).
+  family, small enough for CPU tests). Variant names ending in ``-fit`` are the
+  harness's own: the architecture an input was fitted to (``encoders.fit``).
+- ``paper_input.fit`` says how a protocol's ``paper`` input is made to fit this
+  encoder when it does not divide into its patches: ``none`` (it must fit as it is),
+  ``pad`` / ``crop`` (each axis centred-padded up, or cropped down, to a multiple of
+  the patch), or ``rebuild_patch_embed`` (the architecture is rebuilt with
+  ``paper_input.rebuild``, e.g. another ``patch_size``, and the checkpoint's patch and
+  position embeddings are not loaded).
 - Checkpoint keys are rewritten in this order: keys under ``container_key`` are
   taken (a raw state dict when null); a key starting with one of
   ``ignore_prefixes`` (matched against the published key) is expected and unused;
@@ -70,6 +77,16 @@ FAMILY_KEYS: dict[str, str] = {
 AXIS_ORDERS = ("HWD", "HDW", "WHD", "WDH", "DHW", "DWH")
 DEMO_MAX_VOXELS = 64 * 64 * 64
 _NAME = r"^[a-z0-9][a-z0-9-]*$"
+FIT_SUFFIX = "-fit"  # the size variant an input was fitted to: '<variant>-fit'
+
+
+def fitted_variant(variant: str) -> str:
+    return f"{variant}{FIT_SUFFIX}"
+
+
+def base_variant(variant: str) -> str:
+    """The published size variant a fitted one was made from (the variant itself otherwise)."""
+    return variant.removesuffix(FIT_SUFFIX)
 
 
 def _positive_leaves(value: Any, where: str, problems: list[str], allow_zero: bool = False) -> None:
@@ -89,10 +106,15 @@ def _positive_leaves(value: Any, where: str, problems: list[str], allow_zero: bo
             _positive_leaves(item, f"{where}.{key}", problems, allow_zero or str(key).endswith("_indexes"))
 
 
-def _check_sizes(arch: dict[str, Any], where: str) -> list[str]:
+def _positive_problems(arch: dict[str, Any], where: str) -> list[str]:
     problems: list[str] = []
     for key, value in arch.items():
         _positive_leaves(value, f"{where}.{key}", problems, allow_zero=key.endswith("_indexes"))
+    return problems
+
+
+def _check_sizes(arch: dict[str, Any], where: str) -> list[str]:
+    problems = _positive_problems(arch, where)
     img, patch = arch.get("img_size"), arch.get("patch_size")
     if isinstance(img, list) and isinstance(patch, list) and not problems:
         if len(img) != len(patch):
@@ -118,6 +140,9 @@ class InputSpec(StrictModel):
     axis_order: str = "HWD"  # tensor layout after the channel axis, H = x, W = y, D = z
     mean: float | None = None  # Normalize(mean, std) applied after the intensity mapping
     std: float | None = Field(default=None, gt=0)
+    # along x, y, z: after the size step, centred pad (pad_mode, pad_value) or crop to this size so the
+    # encoder's patches tile the volume; null = size. The tensor the encoder takes has this size.
+    fit_size: tuple[int, int, int] | None = None
 
     @field_validator("axis_order")
     @classmethod
@@ -145,7 +170,7 @@ class InputSpec(StrictModel):
             raise ValueError(f"value_range must be [low, high] with low < high, got {list(value)}")
         return value
 
-    @field_validator("spacing", "size")
+    @field_validator("spacing", "size", "fit_size")
     @classmethod
     def _positive(cls, value: tuple[float, ...] | None, info: ValidationInfo) -> tuple[float, ...] | None:
         if value is not None and any(v <= 0 for v in value):
@@ -160,17 +185,31 @@ class InputSpec(StrictModel):
         return value
 
     def tensor_size(self) -> tuple[int, int, int]:
-        """``size`` permuted into ``axis_order`` (the spatial shape of the encoder's tensor)."""
-        by_axis = dict(zip("HWD", self.size))
+        """``fit_size`` (else ``size``) permuted into ``axis_order``: the spatial shape of the encoder's tensor."""
+        by_axis = dict(zip("HWD", self.fit_size or self.size))
         return tuple(by_axis[a] for a in self.axis_order)  # type: ignore[return-value]
 
 
+Fit = Literal["none", "pad", "crop", "rebuild_patch_embed"]
+
+
 class PaperInput(StrictModel):
-    """How the ASAP paper ran this encoder (Section 4.1, Tables II-VII)."""
+    """How the ASAP paper ran this encoder (Section 4.1, Tables II-VII), and how its input is fitted to it."""
 
     uses_asap_input: bool | None  # 1.5x1.5x3 mm, +-1000 HU -> [-1, 1], 224x224x112; null = not stated
     weights: Literal["published", "retrained_asap_vitb", "random", "unknown"]
+    fit: Fit = "none"  # how a protocol's paper input is made to tile into this encoder's patches
+    rebuild: dict[str, Any] = Field(default_factory=dict)  # rebuild_patch_embed: architecture overrides
     note: str = ""
+
+    @model_validator(mode="after")
+    def _rebuild(self) -> "PaperInput":
+        if (self.fit == "rebuild_patch_embed") != bool(self.rebuild):
+            raise ValueError("paper_input.rebuild (architecture overrides, with patch_size) goes with "
+                             "fit 'rebuild_patch_embed', and only with it")
+        if self.rebuild and "patch_size" not in self.rebuild:
+            raise ValueError("paper_input.rebuild must give the rebuilt patch_size (in input.axis_order)")
+        return self
 
 
 class TextTower(StrictModel):
@@ -178,6 +217,7 @@ class TextTower(StrictModel):
 
     model_id: str = Field(min_length=1)  # hub id of the text model
     key_prefix: str | None = None  # where its weights sit in the checkpoint, if they do
+    ignore_prefixes: list[str] = Field(default_factory=list)  # under key_prefix, saved but not the encoder (MLM head)
     note: str = ""
 
 
@@ -293,8 +333,9 @@ class EncoderCard(StrictModel):
             raise ValueError("sizes needs a 'demo' variant (same family, small enough for CPU tests)")
         arch = info.data.get("architecture")
         for variant, overrides in sizes.items():
-            if not re.match(_NAME, variant) or variant == "native":
-                raise ValueError(f"variant name {variant!r} must match {_NAME} and not be 'native'")
+            if not re.match(_NAME, variant) or variant == "native" or variant.endswith(FIT_SUFFIX):
+                raise ValueError(f"variant name {variant!r} must match {_NAME}, not be 'native' and not end "
+                                 f"in {FIT_SUFFIX!r} (the harness's fitted variants)")
             if arch is None:
                 continue
             unknown = sorted(set(overrides) - set(arch))
@@ -317,6 +358,19 @@ class EncoderCard(StrictModel):
             raise ValueError(f"size {list(spec.size)} in axis_order {spec.axis_order} is "
                              f"{list(spec.tensor_size())}, but architecture.img_size is {img}")
         return spec
+
+    @field_validator("paper_input")
+    @classmethod
+    def _rebuild_keys(cls, paper: PaperInput, info: ValidationInfo) -> PaperInput:
+        arch = info.data.get("architecture")
+        if arch is not None and paper.rebuild:
+            unknown = sorted(set(paper.rebuild) - set(arch))
+            if unknown:
+                raise ValueError(f"paper_input.rebuild overrides keys the architecture does not have: {unknown}")
+            problems = _positive_problems(paper.rebuild, "paper_input.rebuild")
+            if problems:
+                raise ValueError("; ".join(problems))
+        return paper
 
     @field_validator("checkpoint")
     @classmethod

@@ -52,13 +52,14 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)  # mapped checkpoint keys the module lacks
     ignored: list[str] = field(default_factory=list)  # published keys the card declares unused
     adapted: list[str] = field(default_factory=list)  # "key: [shape] -> [shape]"
+    rebuilt: list[str] = field(default_factory=list)  # module keys a fitted architecture builds afresh, not loaded
     fraction: float = 0.0  # share of the module's state (in elements) that was loaded
     allowed_globals: list[str] = field(default_factory=list)  # inert classes (INERT_GLOBALS) the file held
 
     def summary(self) -> str:
         lines = [f"{self.path} (sha256 {self.sha256[:12]}): loaded {len(self.loaded)} tensors, "
                  f"{self.fraction:.1%} of the module's state"]
-        for name in ("missing", "unexpected", "ignored", "adapted", "allowed_globals"):
+        for name in ("missing", "unexpected", "ignored", "adapted", "rebuilt", "allowed_globals"):
             keys = getattr(self, name)
             if keys:
                 shown = ", ".join(keys[:8]) + (f", ... (+{len(keys) - 8})" if len(keys) > 8 else "")
@@ -216,18 +217,25 @@ def load_weights(encoder: torch.nn.Module, path: Path | str, *, min_fraction: fl
     state, report.allowed_globals = read_checkpoint(path, spec.container_key)
     mapped, report.ignored = map_keys(state, spec)
     adapter = encoder.adapt_tensor if adapt else None
-    return apply_state(encoder, mapped, report, card.name, min_fraction, adapter)
+    rebuilt = set(encoder.rebuilt_keys()) if hasattr(encoder, "rebuilt_keys") else set()
+    return apply_state(encoder, mapped, report, card.name, min_fraction, adapter, rebuilt)
 
 
 def apply_state(module: torch.nn.Module, mapped: dict[str, torch.Tensor], report: LoadReport, what: str,
-                min_fraction: float, adapter=None) -> LoadReport:
-    """Load already-renamed tensors into ``module``, filling ``report``; the checks every load shares."""
+                min_fraction: float, adapter=None, rebuilt: set[str] = frozenset()) -> LoadReport:
+    """Load already-renamed tensors into ``module``, filling ``report``; the checks every load shares.
+
+    ``rebuilt`` keys are left as the module built them, listed in the report and out of the fraction.
+    """
     own = module.state_dict()
     mismatched: list[str] = []
     usable: dict[str, torch.Tensor] = {}
     for key, tensor in mapped.items():
         if key not in own:
             report.unexpected.append(key)
+            continue
+        if key in rebuilt:
+            report.rebuilt.append(f"{key}: checkpoint {list(tensor.shape)} not loaded, module {list(own[key].shape)}")
             continue
         if tensor.shape != own[key].shape:
             changed = adapter(key, tensor, own[key].shape) if adapter is not None else None
@@ -243,9 +251,10 @@ def apply_state(module: torch.nn.Module, mapped: dict[str, torch.Tensor], report
                               + "\n  ".join(mismatched[:20]))
     module.load_state_dict(usable, strict=False)
     report.loaded = sorted(usable)
-    report.missing = sorted(k for k in own if k not in usable)
+    report.missing = sorted(k for k in own if k not in usable and k not in rebuilt)
     report.unexpected.sort()
-    total = sum(t.numel() for t in own.values())
+    report.rebuilt.sort()
+    total = sum(t.numel() for k, t in own.items() if k not in rebuilt)
     report.fraction = sum(own[k].numel() for k in usable) / max(total, 1)
     if report.fraction < min_fraction:
         raise CheckpointError(

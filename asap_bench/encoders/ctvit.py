@@ -210,6 +210,7 @@ class CTViT(Encoder):
     """CTViT encoder: tokens of ``dim`` on a (slices, x, y) grid, quantised by the VQ codebook."""
 
     family = "ctvit"
+    patch_embedding_keys = ("to_patch_emb.",)  # no position table: PEG convolutions and a continuous bias
 
     def __init__(self, card: EncoderCard, variant: str = "native"):
         super().__init__(card, variant)

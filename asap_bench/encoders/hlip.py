@@ -50,6 +50,13 @@ class HLIPViT(Encoder):
     """HLIP's slice/scan-attention ViT with timm key names (cls_token, spatial_posemb, patch_embed.proj, blocks.N, norm)."""
 
     family = "hlip_vit"
+    patch_embedding_keys = ("patch_embed.",)
+    position_keys = ("spatial_posemb",)
+
+    @classmethod
+    def position_table(cls, arch: dict) -> str:
+        """The checkpoint's own ``spatial_posemb`` (MAE's 2D table plus a slice code): bound to its grid."""
+        return "learned"
 
     def __init__(self, card: EncoderCard, variant: str = "native"):
         super().__init__(card, variant)
@@ -125,7 +132,10 @@ class HLIPViT(Encoder):
                              hidden_states=states if hidden_states else None)
 
     def adapt_tensor(self, key: str, tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
-        """Resample ``spatial_posemb`` ``[1, d, h, w, C]`` trilinearly to this module's grid, as HLIP does at run time."""
+        """Resample ``spatial_posemb`` ``[1, d, h, w, C]`` trilinearly to this module's grid, as HLIP does at run time.
+
+        The source grid is the tensor's own shape.
+        """
         if key != "spatial_posemb" or tensor.ndim != 5 or len(shape) != 5 or tensor.shape[-1] != shape[-1]:
             return None
         return resample_grid(tensor, tuple(shape[1:4]))

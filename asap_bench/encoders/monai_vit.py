@@ -83,6 +83,14 @@ class MonaiViT(Encoder):
     """A MONAI ViT whose state dict is ``cls_token``, ``patch_embedding.*``, ``blocks.N.*``, ``norm.*``."""
 
     family = "monai_vit"
+    patch_embedding_keys = ("patch_embedding.patch_embeddings",)
+    position_keys = (POS_EMBED_KEY,)
+
+    @classmethod
+    def position_table(cls, arch: dict[str, Any]) -> str:
+        """A learnable table is bound to its grid; MONAI's sin-cos table is rebuilt for any grid."""
+        kind = _POS_TYPES.get(arch.get("pos_embed", "learned"), "learnable")
+        return {"learnable": "learned", "sincos": "fixed"}.get(kind, "none")
 
     def __init__(self, card: EncoderCard, variant: str = "native"):
         super().__init__(card, variant)
@@ -129,14 +137,16 @@ class MonaiViT(Encoder):
                              hidden_states=hidden if hidden_states else None)
 
     def adapt_tensor(self, key: str, tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
-        """Resample a published position embedding on the native token grid to this variant's grid.
+        """Resample a published position embedding to this module's token grid.
 
-        Trilinear, as fVLM's own PatchEmbeddingBlock does when its input grid differs.
+        The source grid comes from the tensor's token count and the card's published sizes
+        (``published_grid``), never from this module's own architecture. Trilinear, as
+        fVLM's own PatchEmbeddingBlock does when its input grid differs.
         """
         if key != POS_EMBED_KEY or tensor.ndim != 3 or len(shape) != 3 or tensor.shape[-1] != shape[-1]:
             return None
-        source = _grid(self.card.architecture)
-        if prod(source) != tensor.shape[1] or prod(self.grid) != shape[1]:
+        source = self.published_grid(int(tensor.shape[1]))
+        if source is None or prod(self.grid) != shape[1]:
             return None
         volume = tensor.float().transpose(1, 2).reshape(1, tensor.shape[-1], *source)
         volume = F.interpolate(volume, size=self.grid, mode="trilinear", align_corners=False)

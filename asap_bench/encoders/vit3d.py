@@ -1,8 +1,8 @@
 """The 3D ViT of the ASAP/SimCroP code (family ``vit3d``): ASAP, SimCroP, the re-trained MAE/M3AE/MRM, Random init, Hi-End-MAE.
 
 Layout, checked against SimCroP's Down-stream/Classification_Linear/models_vit.py
-(the ASAP pre-training code is not public; SimCroP is its conference version
-and the paper says all these rows share one ViT-B):
+and ASAP's Pre-training-ASAP code (SimCroP is its conference version and the
+paper says all these rows share one ViT-B):
 
 - ``patch_embed.proj``: a Conv3d with kernel = stride = patch size over the
   ``[B, C, *img_size]`` tensor. SimCroP patchifies in (h, w, d) order and runs the
@@ -35,6 +35,9 @@ from ._blocks import grid_tokens, init_timm_, make_blocks, patch_geometry, resam
 from .base import Encoder, EncoderOutput
 from .card import EncoderCard
 
+# sincos_fixed: SimCroP's fixed table; learned: trunc-normal init; zeros: a frozen all-zero table, as the
+# ASAP benchmark's ViT has it (``--pretrained_path random`` never fills it)
+POS_KINDS = ("sincos_fixed", "learned", "zeros")
 
 def simcrop_sincos_table(grid: Sequence[int], dim: int) -> torch.Tensor:
     """SimCroP's fixed "3D" sin-cos table, ``[prod(grid), dim]``, as its code builds it.
@@ -73,6 +76,13 @@ class ViT3D(Encoder):
     """timm-style 3D ViT with the ASAP/SimCroP key names (cls_token, pos_embed, patch_embed.proj, blocks.N, norm)."""
 
     family = "vit3d"
+    patch_embedding_keys = ("patch_embed.",)
+    position_keys = ("pos_embed",)
+
+    @classmethod
+    def position_table(cls, arch: dict) -> str:
+        """SimCroP's sin-cos table and the all-zero one are formulas ('fixed'); a learned one is bound to its grid."""
+        return "fixed" if arch.get("pos_embed", "sincos_fixed") in ("sincos_fixed", "zeros") else "learned"
 
     def __init__(self, card: EncoderCard, variant: str = "native"):
         super().__init__(card, variant)
@@ -82,8 +92,8 @@ class ViT3D(Encoder):
         self.eps = float(arch.get("norm_eps", 1e-6))
         self.num_prefix_tokens = 1 if arch.get("cls_token", True) else 0
         self.pos_kind = arch.get("pos_embed", "sincos_fixed")
-        if self.pos_kind not in ("sincos_fixed", "learned"):
-            raise ValueError(f"card {card.name!r}: pos_embed must be 'sincos_fixed' or 'learned', got {self.pos_kind!r}")
+        if self.pos_kind not in POS_KINDS:
+            raise ValueError(f"card {card.name!r}: pos_embed must be one of {', '.join(POS_KINDS)}, got {self.pos_kind!r}")
         self.global_pool = card.global_pool
         if self.global_pool not in ("mean", "cls") or (self.global_pool == "cls" and not self.num_prefix_tokens):
             raise ValueError(f"card {card.name!r}: global_pool {self.global_pool!r} is not available "
@@ -107,8 +117,10 @@ class ViT3D(Encoder):
             if self.pos_kind == "sincos_fixed":
                 self.pos_embed.zero_()
                 self.pos_embed[0, self.num_prefix_tokens:] = simcrop_sincos_table(self.grid, self.embed_dim)
-            else:
+            elif self.pos_kind == "learned":
                 nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            else:  # "zeros": a frozen all-zero table
+                self.pos_embed.zero_()
 
     def set_fused_attention(self, enabled: bool) -> None:
         set_fused_attention(self, enabled)
@@ -134,32 +146,19 @@ class ViT3D(Encoder):
 
     # --- checkpoints made for another input size ---------------------------------------
 
-    def _candidate_grids(self, n_tokens: int) -> list[tuple[int, int, int]]:
-        """Token grids a checkpoint with ``n_tokens`` position slots may have been made for."""
-        grids = []
-        for variant in ["native", *self.card.sizes]:
-            arch = self.card.architecture_for(variant)
-            grids.append(tuple(int(i) // int(p) for i, p in zip(arch["img_size"], arch["patch_size"])))
-        ratio = (n_tokens / grid_tokens(self.grid)) ** (1 / 3)
-        grids.append(tuple(max(1, round(g * ratio)) for g in self.grid))  # same aspect as this module
-        side = max(1, round(n_tokens ** (1 / 3)))
-        grids.append((side, side, side))  # SimCroP's assumption
-        return [g for g in dict.fromkeys(grids) if grid_tokens(g) == n_tokens]
-
     def adapt_tensor(self, key: str, tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor | None:
         """Resample ``pos_embed`` trilinearly from the checkpoint's token grid to this module's; CLS slot kept.
 
-        The checkpoint grid is inferred from its token count: a size variant of this
-        card, this module's grid scaled uniformly, or a cube. Anything else is refused.
+        The checkpoint grid comes from the tensor's token count and the card's published
+        sizes (``published_grid``); a count that fits none, or several, is refused.
         """
         p = self.num_prefix_tokens
         if key != "pos_embed" or tensor.ndim != 3 or len(shape) != 3 or tensor.shape[-1] != shape[-1]:
             return None
         n_old = tensor.shape[1] - p
-        grids = self._candidate_grids(n_old) if n_old > 0 else []
-        if not grids:
+        old = self.published_grid(n_old) if n_old > 0 else None
+        if old is None:
             return None
-        old = grids[0]
         table = tensor[:, p:].reshape(1, *old, tensor.shape[-1])
         new = resample_grid(table, self.grid).reshape(1, -1, tensor.shape[-1])
         out = torch.cat([tensor[:, :p], new], dim=1)

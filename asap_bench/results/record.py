@@ -54,6 +54,7 @@ class Provenance(StrictModel):
     target_dataset: str | None = None  # external validation
     target_data_fingerprint: str | None = None
     input_spec: dict[str, Any] | None = None  # the preprocessing the encoder was fed
+    input_fit: str | None = None  # how that input was fitted to the encoder (pad, crop, rebuild, position table)
     feature_key: str | None = None
     text_model: str | None = None
     text_model_sha256: str | None = None

@@ -19,7 +19,7 @@ from ..data.roots import resolve_data_root
 from ..protocol import select_protocols
 from ..results.record import ensure_writable
 from .jobs import expand
-from .local import Outcome, RunOptions, run_jobs
+from .local import Outcome, RunOptions, check_inputs, run_jobs
 
 
 def default_out(data_root: Path, synthetic: bool) -> Path:
@@ -151,6 +151,7 @@ def execute(encoders: list[str], tasks: tuple[str, ...], seeds: list[int] | None
                          checkpoint=checkpoint, force=force, batch_size=batch_size, interpolate_pos=interpolate_pos,
                          progress=not quiet)
     jobs = expand(_encoder_names(encoders), select_protocols(tasks), seeds, ratios)
+    check_inputs(jobs, options)  # every (encoder, protocol) input fits, before anything is written or submitted
     if distributed.launched_by_torchrun():
         options.device = distributed.init(device)
         quiet = quiet or distributed.rank() > 0

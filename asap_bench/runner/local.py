@@ -35,6 +35,7 @@ from ..data.transforms import input_for
 from ..encoders.base import Encoder, encoder_fingerprint, frozen_forward
 from ..encoders.card import EncoderCard, InputSpec
 from ..encoders.checkpoints import DEFAULT_MIN_FRACTION, CheckpointError, resolve_checkpoint
+from ..encoders.fit import EffectiveInput, fit_input
 from ..encoders.registry import family_class, get_card
 from ..protocol import Protocol
 from ..results.record import Provenance, ResultRecord, Timing, now, software, write_record
@@ -79,14 +80,56 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def effective_input(protocol: Protocol, card: EncoderCard, variant: str) -> InputSpec:
-    """What this encoder is fed under this protocol; a reduced variant keeps its own size, unresampled."""
+def effective_input(protocol: Protocol, card: EncoderCard, variant: str) -> EffectiveInput:
+    """What this encoder is fed under this protocol, and the architecture that takes it (``encoders.fit``).
+
+    A reduced variant keeps its own size, unresampled, and sees the whole (demo) volume scaled
+    to it: a centre crop to a CPU-sized input would cut most of the synthetic anatomy away.
+    The card's ``paper_input.fit``
+    makes a paper input tile into the encoder's patches (pad, crop or a patch-embedding
+    rebuild); a pair that still does not fit carries its problem lines.
+    """
     spec = input_for(protocol.preprocessing, card.input)
-    if variant == "native":
-        return spec
-    arch = card.architecture_for(variant)
-    by_axis = dict(zip(card.input.axis_order, arch["img_size"]))
-    return spec.model_copy(update={"size": tuple(int(by_axis[a]) for a in "HWD"), "spacing": None})
+    if variant != "native":
+        arch = card.architecture_for(variant)
+        by_axis = dict(zip(card.input.axis_order, arch["img_size"]))
+        spec = spec.model_copy(update={"size": tuple(int(by_axis[a]) for a in "HWD"), "spacing": None,
+                                       "resize": "resize"})
+    return fit_input(card, variant, spec, paper=protocol.preprocessing.input == "paper",
+                     where=f"{card.name} {protocol.id}")
+
+
+class InputMismatch(ValueError):
+    """(Encoder, protocol) pairs whose input the encoder cannot take: the run is refused before any job starts."""
+
+
+def loads_checkpoint(card: EncoderCard, options: RunOptions) -> bool:
+    return card.checkpoint.availability != "none" or options.checkpoint is not None
+
+
+def input_problems(jobs: list[Job], options: RunOptions) -> list[str]:
+    """One line per (encoder, protocol) whose effective input cannot run, from the cards alone (no model)."""
+    problems: list[str] = []
+    pairs = {(job.encoder, job.protocol.id): job.protocol for job in jobs}
+    for (encoder, _), protocol in pairs.items():
+        try:
+            card = get_card(encoder)
+            effective = effective_input(protocol, card, options.variant)
+        except Exception:  # an unknown name or a broken card fails its group with its own message
+            continue
+        problems += effective.problems
+        position = effective.position_problem(loads_checkpoint(card, options), options.interpolate_pos)
+        if position and not effective.problems:
+            problems.append(f"{encoder} {protocol.id}: {position}")
+    return problems
+
+
+def check_inputs(jobs: list[Job], options: RunOptions) -> None:
+    """Refuse the run, naming every bad pair, when an encoder cannot take a protocol's input."""
+    problems = input_problems(jobs, options)
+    if problems:
+        raise InputMismatch(f"{len(problems)} encoder/protocol pair(s) cannot run; nothing was started:\n  "
+                            + "\n  ".join(problems))
 
 
 class TargetUnavailable(LookupError):
@@ -100,6 +143,7 @@ class EncoderEntry:
     checkpoint: Path | None
     checkpoint_sha256: str | None
     module: Encoder | None = None
+    variant: str = "native"  # the size variant the module is built as (a '-fit' one when the input changed it)
 
 
 @dataclass
@@ -112,6 +156,7 @@ class Group:
     manifest: Manifest
     spec: InputSpec
     data_fp: str
+    input_fit: str = ""  # how the input was fitted to the encoder (``EffectiveInput.provenance``)
     target: Manifest | None = None
     target_fp: str | None = None
     files_id: str | None = None  # identity of every input file read (source and target), for the job key
@@ -147,31 +192,32 @@ class Session:
             self._files_id[manifest.path] = files_identity(manifest)
         return self._files_id[manifest.path]
 
-    def encoder_entry(self, name: str, spec: InputSpec) -> EncoderEntry:
-        """Card (sized for ``spec``), checkpoint and fingerprint; the module is built only when needed."""
-        base = get_card(name)
-        arch = base.architecture_for(self.options.variant)
-        size = tuple(spec.tensor_size())
-        key = (name, size)
+    def encoder_entry(self, name: str, effective: EffectiveInput) -> EncoderEntry:
+        """Card (with the size variant ``effective`` builds), checkpoint and fingerprint; no module yet."""
+        if effective.problems:
+            raise InputMismatch(effective.problems[0])
+        card, variant = effective.card, effective.variant
+        key = (name, variant, content_hash(card.sizes.get(variant)))
         if key not in self._encoders:
-            card = base
-            if self.options.variant != "native" or tuple(arch.get("img_size", size)) != size:
-                overrides = {**arch, "img_size": list(size)} if "img_size" in arch else arch
-                card = base.model_copy(update={"architecture": overrides})
             path = sha = None
-            if base.checkpoint.availability != "none" or self.options.checkpoint is not None:
-                path = resolve_checkpoint(base, self.options.checkpoint)
+            if loads_checkpoint(card, self.options):
+                path = resolve_checkpoint(card, self.options.checkpoint)
                 if path not in self._ckpt_sha:
                     self._ckpt_sha[path] = file_sha256(path)
                 sha = self._ckpt_sha[path]
-            self._encoders[key] = EncoderEntry(card, encoder_fingerprint(card, "native", sha), path, sha)
+            position = effective.position_problem(path is not None, self.options.interpolate_pos)
+            if position:
+                raise InputMismatch(f"{name}: {position}")
+            self._encoders[key] = EncoderEntry(card, encoder_fingerprint(card, variant, sha), path, sha,
+                                               variant=variant)
         return self._encoders[key]
 
     def group(self, encoder: str, protocol: Protocol, family: TaskFamily) -> Group:
         manifest = self.manifest(protocol.data.dataset, protocol.data.table)
-        spec = effective_input(protocol, get_card(encoder), self.options.variant)
-        entry = self.encoder_entry(encoder, spec)
-        group = Group(entry, protocol, family, manifest, spec, self.data_fingerprint(manifest))
+        effective = effective_input(protocol, get_card(encoder), self.options.variant)
+        entry = self.encoder_entry(encoder, effective)
+        group = Group(entry, protocol, family, manifest, effective.spec, self.data_fingerprint(manifest),
+                      input_fit=effective.provenance(entry.checkpoint is not None))
         if protocol.transfer is not None:
             target = protocol.transfer.target
             try:
@@ -201,7 +247,7 @@ class Session:
         every run), the job seed for fine-tuning.
         """
         seed_everything(seed)
-        module = family_class(entry.card.family)(entry.card, "native")
+        module = family_class(entry.card.family)(entry.card, entry.variant)
         if entry.checkpoint is not None:
             from ..encoders.checkpoints import UnreadableCheckpoint, load_weights
 
@@ -315,7 +361,7 @@ def _provenance(group: Group | None, job: Job, options: RunOptions, split: Split
             "split_sha256": split.sha256 if split else None, "encoder_fingerprint": group.encoder.fingerprint,
             "checkpoint_sha256": group.encoder.checkpoint_sha256, "manifest_sha256": group.manifest.sha256,
             "data_fingerprint": group.data_fp, "synthetic": group.manifest.synthetic,
-            "input_spec": group.spec.model_dump(mode="json"),
+            "input_spec": group.spec.model_dump(mode="json"), "input_fit": group.input_fit,
             "feature_key": group.features.key if group.features else None,
         })
         if group.target is not None:
@@ -326,7 +372,8 @@ def _provenance(group: Group | None, job: Job, options: RunOptions, split: Split
 def _key(group: Group, job: Job, split: Split) -> str:
     return job_key(job, encoder_fingerprint=group.encoder.fingerprint, split_sha256=split.sha256,
                    data_fingerprint=group.data_fp, target_fingerprint=group.target_fp,
-                   input_spec=group.spec.model_dump(mode="json"), code=CODE_VERSION, files=group.files_id)
+                   input_spec={**group.spec.model_dump(mode="json"), "fit": group.input_fit}, code=CODE_VERSION,
+                   files=group.files_id)
 
 
 def _failed(job: Job, options: RunOptions, group: Group | None, split: Split | None, error: BaseException,
@@ -353,7 +400,11 @@ def _not_written(path: Path, problem: OSError) -> str:
 
 
 def run_jobs(jobs: list[Job], options: RunOptions, log: logging.Logger, dry_run: bool = False) -> list[Outcome]:
-    """Run (or, dry, classify) every job; returns one outcome per job, in order."""
+    """Run (or, dry, classify) every job; returns one outcome per job, in order.
+
+    Raises ``InputMismatch`` before any job starts when an encoder cannot take a protocol's input.
+    """
+    check_inputs(jobs, options)
     session = Session(options, log)
     outcomes: list[Outcome] = []
     seen: dict[Path, ResultRecord | None] = {}  # each job's record when it was found to need a run
