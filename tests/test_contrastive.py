@@ -248,3 +248,59 @@ def test_report_text_joins_the_protocol_columns_and_skips_cases_without_text(rea
     assert texts == {a: "Effusion.", c: "Nodule. Follow up."}
     with pytest.raises(ValueError, match=r"report column\(s\) \['Findings_EN'\] are missing"):
         report_texts(manifest, ("Findings_EN",), [a])
+
+
+# --------------------------------------------------------------------------- an encoder's own text tower
+
+def _asap_checkpoint(path: Path, text_state: dict | None) -> Path:
+    """ASAP's save_model layout: vision keys at the top of 'model', the CXR-BERT tower under bert_encoder.bert."""
+    import argparse
+
+    model = {"blocks.0.norm1.weight": torch.ones(48)}
+    if text_state is not None:
+        model.update({f"bert_encoder.bert.{k}": v for k, v in text_state.items()})
+    torch.save({"model": model, "epoch": 1, "args": argparse.Namespace(mask_ratio=0.75)}, path)
+    return path
+
+
+def test_voc_and_ret_can_take_the_encoders_own_text_tower(demo_root, text_cache, tiny_text_model, tmp_path):
+    """``text_tower: encoder`` loads the checkpoint's tower in full into the text model; its weights key the
+    cache and the provenance, so it never shares embeddings with the text model's own weights."""
+    from transformers import BertModel
+
+    from asap_bench.encoders.registry import get_card
+    from asap_bench.tasks.base import CheckpointRef
+
+    manifest = load_manifest(demo_root, "ct-rate")
+    features = label_features(manifest)
+    torch.manual_seed(5)
+    own = BertModel.from_pretrained(tiny_text_model).state_dict()
+    tuned = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in own.items()}
+    checkpoint = _asap_checkpoint(tmp_path / "asap.pth", tuned)
+    ref = CheckpointRef(get_card("asap"), checkpoint, None)
+
+    def job(protocol_id: str, family, ref):
+        protocol = with_params(protocol_id, demo_text_model=str(tiny_text_model), text_tower="encoder")
+        split = make_split(manifest, protocol, 0)
+        inputs = TaskInputs(protocol, manifest, split, 1.0, 0, features=features, cache_dir=text_cache, checkpoint=ref)
+        return family.run(inputs)
+
+    voc = job("voc/ct-rate", VocabularyClassification(), ref)
+    ret = job("ret/ct-rate", Retrieval(), ref)
+    plain = run(VocabularyClassification(), demo_protocol("voc/ct-rate", tiny_text_model), manifest, features,
+                text_cache)
+    for result in (voc, ret):
+        assert "asap's own text tower (asap.pth, under 'bert_encoder.bert.') loaded in full" in result.notes["text_tower"]
+        assert result.provenance["text_model_sha256"] != plain.provenance["text_model_sha256"]
+        assert all(v is None or math.isfinite(v) for v in result.metrics.values())
+    assert voc.metrics != plain.metrics  # other text weights, other prompt embeddings
+
+    empty = CheckpointRef(get_card("asap"), _asap_checkpoint(tmp_path / "vision-only.pth", None), None)
+    with pytest.raises(Exception, match="vision-only.pth: no text-tower weights under 'bert_encoder.bert.'"):
+        job("voc/ct-rate", VocabularyClassification(), empty)
+    partial = {k: v for k, v in tuned.items() if not k.startswith("encoder.layer.1.")}
+    short = CheckpointRef(get_card("asap"), _asap_checkpoint(tmp_path / "short.pth", partial), None)
+    with pytest.raises(Exception, match=r"short.pth: only .* of asap text tower's weights were loaded"):
+        job("ret/ct-rate", Retrieval(), short)
+    with pytest.raises(ValueError, match="text_tower 'encoder' needs a checkpoint; random has none"):
+        job("voc/ct-rate", VocabularyClassification(), CheckpointRef(get_card("random"), None, None))

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,7 +25,24 @@ from ..schema import content_hash
 from .cache import DamagedEntry, cache_root, discard, open_entry, seal, write_meta
 from .cache_kinds import TEXT
 
+if TYPE_CHECKING:
+    from ..encoders.card import EncoderCard
+
 FORMAT_VERSION = 2
+
+
+@dataclass(frozen=True)
+class TextWeights:
+    """An encoder checkpoint's own text tower (e.g. ASAP's ``bert_encoder.bert.*``), loaded in full into the
+    text model in place of the model's own weights; it keys the cache by the checkpoint's sha256."""
+
+    card: "EncoderCard"
+    checkpoint: Path
+    checkpoint_sha256: str
+
+    def key(self, model_sha256: str) -> str:
+        prefix = self.card.checkpoint.text_tower.key_prefix if self.card.checkpoint.text_tower else None
+        return content_hash({"text_model": model_sha256, "checkpoint": self.checkpoint_sha256, "prefix": prefix})
 
 
 @dataclass(frozen=True)
@@ -44,10 +62,13 @@ def text_key(model_sha256: str, pooling: str, max_length: int, texts: list[str])
 
 
 def embed_texts(model: str, texts: list[str], *, pooling: str, max_length: int, root: Path | None = None,
-                device: str = "cpu", batch_size: int = 32) -> tuple[np.ndarray, TextModelInfo]:
+                device: str = "cpu", batch_size: int = 32,
+                weights: TextWeights | None = None) -> tuple[np.ndarray, TextModelInfo]:
     """Frozen embeddings [len(texts), dim] float32 of ``texts`` (duplicates computed once), cached.
 
     ``max_length`` is capped at the model's position-embedding limit; the info says what was used.
+    With ``weights``, the model's architecture and tokenizer take the checkpoint's text tower,
+    which must fill it completely.
     """
     from ..encoders.text import resolve_text_model, text_model_sha256
 
@@ -58,13 +79,15 @@ def embed_texts(model: str, texts: list[str], *, pooling: str, max_length: int, 
         raise ValueError(f"{len(bad)} text(s) are empty or not strings, e.g. positions {bad[:5]}")
     unique = list(dict.fromkeys(texts))
     sha = text_model_sha256(model)
+    if weights is not None:
+        sha = weights.key(sha)
     limit = _position_limit(resolve_text_model(model))
     length = min(int(max_length), limit) if limit else int(max_length)
     key = text_key(sha, pooling, length, unique)
     folder = (root or cache_root()) / TEXT / key
     array = _open(folder, len(unique)) if folder.exists() else None
     if array is None:
-        _compute(folder, model, unique, pooling, length, device, batch_size, sha)
+        _compute(folder, model, unique, pooling, length, device, batch_size, sha, weights)
         array = _read(folder, len(unique))
     row = {t: i for i, t in enumerate(unique)}
     embeddings = np.asarray(array[[row[t] for t in texts]], dtype=np.float32)
@@ -99,12 +122,15 @@ def _position_limit(folder: Path) -> int | None:
 
 
 def _compute(folder: Path, model: str, texts: list[str], pooling: str, max_length: int, device: str,
-             batch_size: int, sha: str) -> None:
+             batch_size: int, sha: str, weights: TextWeights | None = None) -> None:
     import torch
 
-    from ..encoders.text import TextTower
+    from ..encoders.text import TextTower, load_text_weights
 
-    tower = TextTower(model, pooling=pooling, max_length=max_length).to(device).eval()
+    tower = TextTower(model, pooling=pooling, max_length=max_length)
+    if weights is not None:
+        load_text_weights(tower, weights.card, weights.checkpoint, min_fraction=1.0)
+    tower = tower.to(device).eval()
     parts = []
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):

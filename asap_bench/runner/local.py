@@ -41,7 +41,7 @@ from ..protocol import Protocol
 from ..results.record import Provenance, ResultRecord, Timing, now, software, write_record
 from ..schema import content_hash
 from ..splits import Split, ensure_split
-from ..tasks.base import EncoderHandle, FamilyNotBuilt, TaskFamily, TaskInputs, get_family
+from ..tasks.base import CheckpointRef, EncoderHandle, FamilyNotBuilt, TaskFamily, TaskInputs, get_family
 from . import distributed
 from .jobs import Job, existing, is_done, job_key, job_lock, sweep_locks
 
@@ -511,7 +511,9 @@ def run_one(job: Job, group: Group, split: Split, key: str, options: RunOptions,
         seed_everything(job.seed)
         inputs = TaskInputs(job.protocol, group.manifest, split, job.ratio, job.seed, group.features,
                             group.target, group.target_features, options.device, log,
-                            cache_dir=options.cache_dir or cache_root())
+                            cache_dir=options.cache_dir or cache_root(),
+                            checkpoint=CheckpointRef(group.encoder.card, group.encoder.checkpoint,
+                                                     group.encoder.checkpoint_sha256))
         if group.family.needs == "volumes":
             if session is None:
                 raise ValueError(f"{job.name}: a fine-tuning family needs the session to build encoders")

@@ -46,6 +46,16 @@ class EncoderHandle:
     build: Callable[[], Encoder]
 
 
+@dataclass(frozen=True)
+class CheckpointRef:
+    """The encoder's card and weights file (None for random init), for a family that reads more of the
+    checkpoint than its vision weights (an encoder's own text tower)."""
+
+    card: EncoderCard
+    path: Path | None
+    sha256: str | None
+
+
 @dataclass
 class TaskInputs:
     protocol: Protocol
@@ -59,6 +69,7 @@ class TaskInputs:
     device: str = "cpu"
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("asap_bench.task"))
     cache_dir: Path | None = None  # content-keyed cache root, for the family's own entries (e.g. text embeddings)
+    checkpoint: CheckpointRef | None = None
     # fine-tuning families (needs == "volumes")
     encoder: EncoderHandle | None = None
     spec: InputSpec | None = None  # what the encoder is fed under this protocol

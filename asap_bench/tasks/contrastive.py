@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.cache import cache_root
-from ..data.manifest import Manifest, label_matrix
-from ..data.text_cache import TextModelInfo, embed_texts
+from ..data.manifest import Manifest, file_sha256, label_matrix
+from ..data.text_cache import TextModelInfo, TextWeights, embed_texts
 from ..metrics.classification import score_outputs
 from ..metrics.retrieval import parse_metric, per_query_hits, score_units, truth_ranks
 from ..protocol import Protocol
@@ -57,6 +57,7 @@ MAX_LOG_SCALE = math.log(100.0)  # CLIP's cap on the logit scale
 # head param -> (default, allowed values or None for free values)
 CHOICES: dict[str, tuple[Any, tuple | None]] = {
     "text_model": (None, None),
+    "text_tower": ("protocol", ("protocol", "encoder")),  # encoder: the checkpoint's own text weights
     "report_text": (None, None),
     "text_max_len": (512, None),
     "text_pooling": ("cls", ("cls", "mean")),
@@ -85,6 +86,7 @@ class ContrastiveParams:
     """The head parameters of a voc / ret protocol, with the demo overrides applied where they apply."""
 
     text_model: str
+    text_tower: str
     report_text: tuple[str, ...]
     text_max_len: int
     text_pooling: str
@@ -142,7 +144,8 @@ class ContrastiveParams:
         ks = values["recall_k"]
         if not isinstance(ks, list) or not ks or not all(isinstance(k, int) and k >= 1 for k in ks):
             raise ValueError(f"{pid}: head.params.recall_k must list positive integers, got {ks!r}")
-        return cls(text_model=str(values["text_model"]), report_text=tuple(report_text),
+        return cls(text_model=str(values["text_model"]), text_tower=values["text_tower"],
+                   report_text=tuple(report_text),
                    text_max_len=number("text_max_len", int), text_pooling=values["text_pooling"],
                    projection_dim=number("projection_dim", int),
                    temperature_init=number("temperature_init", positive=False),
@@ -150,6 +153,23 @@ class ContrastiveParams:
                    lr_schedule=values["lr_schedule"], batch_size=number("batch_size", int),
                    epochs=number("epochs", int), prompts=(prompts["positive"], prompts["negative"]),
                    threshold=threshold, recall_k=tuple(sorted(set(ks))), demo_keys=tuple(used_demo))
+
+
+def text_source(inputs: TaskInputs, params: ContrastiveParams) -> tuple[str, TextWeights | None]:
+    """(text model, weights): the protocol's frozen text model (CT-CLIP's protocol), or with ``text_tower:
+    encoder`` the encoder checkpoint's own tower, in the card's text model (the demo's, on the demo cohort)."""
+    if params.text_tower == "protocol":
+        return params.text_model, None
+    pid, ref = inputs.protocol.id, inputs.checkpoint
+    if ref is None or ref.path is None:
+        name = ref.card.name if ref is not None else "the encoder"
+        raise ValueError(f"{pid}: head.params.text_tower 'encoder' needs a checkpoint; {name} has none")
+    tower = ref.card.checkpoint.text_tower
+    if tower is None or tower.key_prefix is None:
+        raise ValueError(f"{pid}: head.params.text_tower 'encoder': the card of {ref.card.name!r} declares no text "
+                         "tower in its checkpoint (checkpoint.text_tower.key_prefix)")
+    model = params.text_model if "text_model" in params.demo_keys else tower.model_id
+    return model, TextWeights(ref.card, ref.path, ref.sha256 or file_sha256(ref.path))
 
 
 # ---------------------------------------------------------------------------
@@ -322,8 +342,12 @@ class _Contrastive(TaskFamily):
             raise ValueError(f"{protocol.id}: no case has report text in {list(params.report_text)}")
         unique = sorted(set(every.values()))
         root = inputs.cache_dir or cache_root()
-        vectors, info = embed_texts(params.text_model, unique, pooling=params.text_pooling,
-                                    max_length=params.text_max_len, root=root, device=inputs.device)
+        model, weights = text_source(inputs, params)
+        if weights is not None:
+            notes["text_tower"] = (f"{weights.card.name}'s own text tower ({weights.checkpoint.name}, under "
+                                   f"{weights.card.checkpoint.text_tower.key_prefix!r}) loaded in full into {model}")
+        vectors, info = embed_texts(model, unique, pooling=params.text_pooling,
+                                    max_length=params.text_max_len, root=root, device=inputs.device, weights=weights)
         if info.max_length < params.text_max_len:
             notes["text_max_len"] = (f"{params.text_model} has {info.max_length} positions; reports truncated at "
                                      f"{info.max_length} tokens, not {params.text_max_len}")
@@ -393,9 +417,10 @@ class VocabularyClassification(_Contrastive):
         params = prepared.params
         names = list(spec.columns)
         prompts = [template.replace("{X}", name) for name in names for template in params.prompts]
-        vectors, info = embed_texts(params.text_model, prompts, pooling=params.text_pooling,
+        model, weights = text_source(inputs, params)
+        vectors, info = embed_texts(model, prompts, pooling=params.text_pooling,
                                     max_length=params.text_max_len,
-                                    root=inputs.cache_dir or cache_root(), device=inputs.device)
+                                    root=inputs.cache_dir or cache_root(), device=inputs.device, weights=weights)
         test_ids = list(inputs.split.test)
         if test_ids:
             v = self.visual(inputs, prepared, test_ids, "test")
