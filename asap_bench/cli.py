@@ -407,13 +407,16 @@ def _forward_args(ctx: click.Context, drop: set[str]) -> list[str]:
 @click.option("--figures", type=click.Path(path_type=Path), help="Also write figures (PNG + PDF) into this folder.")
 @click.option("--alpha", type=float, default=0.05, show_default=True)
 @click.option("--no-significance", is_flag=True, help="Skip the paired tests.")
+@click.option("--compare", metavar="A,B", help="Compare two encoders over every setting both have (Wilcoxon on a "
+              "unit-free scale, mean ranks; --figures: critical-difference diagram) instead of the tables.")
 @friendly
-def report(fmt, source, records_dirs, metric, family, regime, encoders, out, figures, alpha, no_significance) -> None:
+def report(fmt, source, records_dirs, metric, family, regime, encoders, out, figures, alpha, no_significance,
+           compare) -> None:
     """Paper-style tables (LaTeX, markdown, csv, json), the html leaderboard page, figures."""
     from .report.cli_report import report_command
 
     report_command(records_dirs, source, fmt, metric, family, regime, encoders, out, significance=not no_significance,
-                   alpha=alpha, figures=figures)
+                   alpha=alpha, figures=figures, compare=compare)
 
 
 # --------------------------------------------------------------------------- cache

@@ -153,6 +153,7 @@ class Protocol(StrictModel):
     head: Head
     metrics: list[str] = Field(min_length=1)
     primary_metric: str
+    demo_primary_metric: str | None = None  # replaces primary_metric on the demo cohort, as demo_* head params do
     access: Literal["public", "credentialed", "private"]
     transfer: Transfer | None = None
     reference: Reference = Reference()
@@ -177,8 +178,10 @@ class Protocol(StrictModel):
             raise ValueError(
                 f"unknown metric(s) {unknown} for family {self.family!r}; known: {sorted(METRICS[self.family])}"
             )
-        if self.primary_metric not in self.metrics:
-            raise ValueError(f"primary_metric {self.primary_metric!r} is not one of metrics {self.metrics}")
+        for name in ("primary_metric", "demo_primary_metric"):
+            value = getattr(self, name)
+            if value is not None and value not in self.metrics:
+                raise ValueError(f"{name} {value!r} is not one of metrics {self.metrics}")
         if (self.family == "ext") != (self.transfer is not None):
             raise ValueError("'transfer' is required for family 'ext' and only allowed there")
         return self
@@ -187,6 +190,11 @@ class Protocol(StrictModel):
     def fingerprint(self) -> str:
         """sha256 of the resolved config (defaults filled in), the identity of this protocol."""
         return content_hash(self)
+
+    def primary(self, synthetic: bool | None) -> str:
+        """The metric that ranks and summarises this protocol: on the demo cohort ``demo_primary_metric``
+        where given (the paper's metric may be unable to move on a tiny pool), else ``primary_metric``."""
+        return self.demo_primary_metric if synthetic and self.demo_primary_metric else self.primary_metric
 
     @property
     def slug(self) -> str:

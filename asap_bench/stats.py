@@ -34,7 +34,9 @@ family whose set-level metric is not a mean of per-case values (corpus BLEU)
 registers its weighted recomputation with ``register_set_metric``.
 
 Across tasks: Wilcoxon over settings, mean ranks, and Friedman + Nemenyi critical
-difference. All tests are scipy.stats; only Holm's step-down adjustment is written here.
+difference. Settings mix units (fractions, HD95 in mm), so the Wilcoxon test over
+them ranks a unit-free difference per setting (``SCALES``), never raw differences
+unless asked. All tests are scipy.stats; only Holm's step-down adjustment is written here.
 """
 
 from __future__ import annotations
@@ -61,6 +63,12 @@ SET_LEVEL_PREFIXES = ("auc", "c_index", "bleu", "recall@", "balanced_acc", "f1")
 MIX_COLUMNS = ("protocol_fingerprint", "encoder_fingerprint", "synthetic")
 CELL = ["encoder", "protocol", "regime"]
 UNITS = ("auto", "case", "label", "bootstrap", "seed")
+SCALES = {
+    "relative": "symmetric relative difference (A - B) / ((|A| + |B|) / 2) per setting, sign flipped for "
+                "lower-is-better metrics: unit-free, in [-2, 2], defined when one side is 0 (both 0: a tie)",
+    "raw": "raw difference A - B of the seed means, sign flipped for lower-is-better metrics: "
+           "depends on each metric's unit",
+}
 
 
 def higher_is_better(metric: str, lower_is_better: Iterable[str] | None = None) -> bool:
@@ -936,7 +944,8 @@ def settings_matrix(frame: pd.DataFrame, *, metrics: Sequence[str] | None = None
 
     Takes a record frame or an ``aggregate`` frame.
     """
-    agg = frame if "mean" in frame and "value" not in frame else aggregate(frame, keep=keep, metrics=metrics)
+    agg = (_select(frame, keep) if "mean" in frame and "value" not in frame
+           else aggregate(frame, keep=keep, metrics=metrics))
     if metrics is not None:
         agg = agg[agg["metric"].isin(list(metrics))]
     twice = agg[agg.duplicated(["encoder", "protocol", "regime", "metric"], keep=False)]
@@ -960,17 +969,69 @@ def _oriented(matrix: pd.DataFrame, lower_is_better: Iterable[str] | None) -> pd
     return matrix.mul(signs, axis=0)
 
 
+def setting_differences(matrix: pd.DataFrame, a: str, b: str, scale: str = "relative",
+                        lower_is_better: Iterable[str] | None = None) -> pd.Series:
+    """Per setting, how much better ``a`` is than ``b`` on ``scale`` (see ``SCALES``); positive: ``a`` better.
+
+    The relative scale divides by the pooled magnitude of the two values of the same
+    setting, so rescaling a metric (mm or m, fraction or percent), or giving a distance as
+    its negation with higher-is-better, leaves every difference as it is.
+    """
+    if scale not in SCALES:
+        raise ValueError(f"scale is one of {sorted(SCALES)}, not {scale!r}")
+    oriented = _oriented(matrix[[a, b]], lower_is_better)
+    d = oriented[a] - oriented[b]
+    if scale == "relative":
+        pooled = (matrix[a].abs() + matrix[b].abs()) / 2.0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            d = d.where(d == 0, d / pooled)
+    return d.rename(f"{a} - {b} ({scale})")
+
+
 def across_settings(frame: pd.DataFrame, a: str, b: str, *, metrics: Sequence[str] | None = None,
                     alpha: float = ALPHA, keep: Mapping[str, Any] | None = None,
-                    lower_is_better: Iterable[str] | None = None) -> Comparison:
-    """Wilcoxon signed-rank over every setting both encoders have, on the seed means.
+                    lower_is_better: Iterable[str] | None = None, scale: str = "relative") -> Comparison:
+    """Two-sided Wilcoxon signed-rank over every setting both encoders have (unit: setting, n: settings).
 
-    Lower-is-better metrics are negated first, so a positive effect always means ``a`` is better.
+    Each setting (protocol x regime x metric) gives one difference of the seed means on
+    ``scale``. The default, ``relative``, is (A - B) / ((|A| + |B|) / 2), sign-aligned so
+    a positive value means ``a`` is better: it has no unit, so HD95 in mm or in m, or a
+    metric in percent or as a fraction, give the same p; it stays finite when one value
+    is 0 (|d| = 2) and is a tie when both are. Dividing by |B| alone would be undefined
+    at B = 0, and by the seed std undefined for one seed or identical seeds. ``raw``
+    ranks A - B as it is, which only means something when every metric shares a unit.
+    ``effect`` is the mean difference on that scale.
     """
-    matrix = _oriented(settings_matrix(frame, metrics=metrics, encoders=[a, b], keep=keep), lower_is_better)
-    result = wilcoxon_paired(matrix[a].to_numpy(), matrix[b].to_numpy(), "setting", alpha=alpha,
-                             note=f"{len(matrix)} settings (task x regime x metric), seed means")
+    matrix = settings_matrix(frame, metrics=metrics, encoders=[a, b], keep=keep)
+    d = setting_differences(matrix, a, b, scale, lower_is_better)
+    result = wilcoxon_paired(d.to_numpy(), np.zeros(len(d)), "setting", alpha=alpha,
+                             note=f"{len(matrix)} settings (task x regime x metric), seed means; "
+                                  f"scale: {SCALES[scale]}")
     return _with(result, a=a, b=b, metric=",".join(sorted(set(matrix.index.get_level_values("metric")))))
+
+
+def wilcoxon_method(differences: Sequence[float]) -> str:
+    """How scipy's ``wilcoxon(method="auto")`` gets its p for these differences, in words for a caption."""
+    d = np.asarray(differences, dtype=float)
+    d = d[np.isfinite(d)]
+    nonzero = np.abs(d[d != 0])
+    ties = len(np.unique(nonzero)) < len(nonzero)
+    if len(d) > 50:
+        return f"normal approximation with tie correction (n = {len(d)} > 50)"
+    if not ties and len(nonzero) == len(d):
+        return "exact null distribution"
+    if len(d) <= 13:
+        return "exact permutation distribution (ties or zeros)"
+    return "normal approximation with tie correction (ties or zeros)"
+
+
+def sign_test(differences: Sequence[float]) -> tuple[int, int, int, float]:
+    """(wins, ties, losses, two-sided exact binomial p over the non-tied): unchanged by any monotone rescaling."""
+    d = np.asarray(differences, dtype=float)
+    d = d[np.isfinite(d)]
+    wins, losses = int((d > 0).sum()), int((d < 0).sum())
+    p = float(stats.binomtest(wins, wins + losses).pvalue) if wins + losses else 1.0
+    return wins, int((d == 0).sum()), losses, p
 
 
 def mean_ranks(frame: pd.DataFrame, *, metrics: Sequence[str] | None = None, encoders: Sequence[str] | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -9,9 +10,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from asap_bench.metrics.retrieval import (
-    parse_metric, per_query_hits, recall_at_k, score_units, truth_ranks,
+    chance_recall, chance_units, parse_metric, per_query_hits, recall_at_k, score_units, truth_ranks,
 )
 from asap_bench import stats
+from asap_bench.results.recompute import recompute
 
 
 def brute_force_rank(scores: list[float], relevant: list[bool]) -> int:
@@ -104,3 +106,49 @@ def test_units_recompute_and_pair_by_query():
     # the statistics layer reads recall@K as the mean of the per-query hits of its own direction
     for metric in metrics:
         assert stats.set_metric(units, metric, np.ones((1, 5)))[0] == pytest.approx(values[metric].value)
+
+
+# --------------------------------------------------------------------------- recall@K that cannot move, chance
+
+
+def test_recall_at_or_above_the_worst_rank_is_undefined_with_its_reason():
+    # 4 candidates, one relevant each: the truth ranks 4 at worst, so K >= 4 is a hit whatever the scores
+    assert recall_at_k([4, 4, 4], 3, candidates=4).value == 0.0
+    trivial = recall_at_k([4, 4, 4], 4, candidates=4)
+    assert not trivial.defined and "K=4 >= the 4 candidates of the pool" in trivial.reason
+    # two relevant volumes of six: the best of them ranks 5 at worst
+    assert not recall_at_k([5, 1], 5, candidates=6, relevant=[2, 2]).defined
+    # one query with a single relevant candidate can still miss at K = 5
+    assert recall_at_k([6, 1], 5, candidates=6, relevant=[1, 2]).value == 0.5
+    assert recall_at_k([4, 4], 10).value == 1.0  # without the pool nothing is known
+
+
+def test_trivial_metrics_have_no_per_query_hits_and_recompute_to_none():
+    directions = ["v2r", "v2r", "v2r", "r2v", "r2v"]
+    ranks = [1, 2, 3, 2, 1]
+    metrics = ["recall@1_v2r", "recall@3_v2r", "recall@2_r2v"]
+    pool, relevant = {"v2r": 3, "r2v": 3}, [1, 1, 1, 1, 2]
+    hits = per_query_hits(ranks, directions, metrics, pool=pool, relevant=relevant)
+    assert hits["recall@1_v2r"] == [1.0, 0.0, 0.0, None, None]
+    assert hits["recall@3_v2r"] == [None] * 5  # 3 reports in the pool: every volume finds its own in the top 3
+    assert hits["recall@2_r2v"] == [None, None, None, 1.0, 1.0]  # the report with one volume can still miss
+    units = {"task": "retrieval", "ids": list("abcde"), "direction": directions, "rank": ranks, "pool": pool,
+             "relevant": relevant, "per_case": hits}
+    values = score_units(units, metrics)
+    assert not values["recall@3_v2r"].defined and "every query is a hit" in values["recall@3_v2r"].reason
+    assert values["recall@1_v2r"].value == pytest.approx(1 / 3)
+    assert recompute(units, metrics) == {"recall@1_v2r": pytest.approx(1 / 3), "recall@3_v2r": None,
+                                         "recall@2_r2v": 1.0}
+
+
+@pytest.mark.parametrize("candidates,relevant,k", [(5, 1, 1), (5, 1, 3), (6, 2, 2), (6, 3, 1), (4, 2, 3)])
+def test_chance_level_is_recall_of_a_uniformly_random_ranking(candidates, relevant, k):
+    """Against every ordering of the candidates: the share in which a relevant one lands in the top K."""
+    orders = list(itertools.permutations(range(candidates)))
+    hits = sum(min(order.index(j) for j in range(relevant)) < k for order in orders)
+    assert chance_recall(k, candidates, [relevant]) == pytest.approx(hits / len(orders))
+    if relevant == 1:
+        assert chance_recall(k, candidates, [1]) == pytest.approx(k / candidates)  # V2R: K / P
+    units = {"direction": ["r2v", "r2v"], "pool": {"r2v": candidates}, "relevant": [relevant, 1]}
+    expected = (1 - math.comb(candidates - relevant, k) / math.comb(candidates, k) + k / candidates) / 2
+    assert chance_units(units, [f"recall@{k}_r2v"]) == {f"recall@{k}_r2v": pytest.approx(expected)}

@@ -525,7 +525,63 @@ def test_across_settings_orients_lower_is_better():
     got = stats.across_settings(frame, "a", "b")
     assert got.effect > 0  # a has the lower (better) hd95
     assert got.p == sps.wilcoxon(-np.array(a), -np.array(b)).pvalue
+    a, b = np.array(a), np.array(b)
+    assert got.effect == pytest.approx(np.mean((b - a) / ((a + b) / 2)))
+    assert stats.across_settings(frame, "a", "b", scale="raw").effect == pytest.approx(np.mean(b - a))
     assert stats.mean_ranks(frame).to_dict() == {"a": 1.0, "b": 2.0}
+
+
+MIXED_METRICS = ["auc", "dice", "hd95", "c_index"]
+
+
+def mixed_units_means() -> dict[str, np.ndarray]:
+    """a wins the fraction metrics by a little and loses HD95 by a few mm, over 24 settings."""
+    rng = np.random.default_rng(16)
+    base = rng.uniform(0.55, 0.9, size=24)
+    hd95 = np.array([i % 4 == 2 for i in range(24)])
+    base[hd95] = rng.uniform(8.0, 40.0, size=hd95.sum())
+    gap = np.where(hd95, rng.uniform(1.0, 6.0, size=24), rng.uniform(0.004, 0.03, size=24))
+    a = base + gap  # hd95 is lower-is-better: there a higher value loses
+    return {"a": a, "b": base}
+
+
+def rescaled(frame: pd.DataFrame, metric: str, factor: float) -> pd.DataFrame:
+    out = frame.copy()
+    out.loc[out["metric"] == metric, "value"] *= factor
+    return out
+
+
+def test_across_settings_does_not_depend_on_units():
+    frame = settings_frame(mixed_units_means(), metric_of=lambda i: MIXED_METRICS[i % 4])
+    in_mm = stats.across_settings(frame, "a", "b")
+    in_m = stats.across_settings(rescaled(frame, "hd95", 1e-3), "a", "b")
+    assert in_mm.n == in_m.n == 24 and in_mm.unit == "setting"
+    assert in_m.p == pytest.approx(in_mm.p, rel=1e-12)
+    assert in_m.effect == pytest.approx(in_mm.effect, rel=1e-12)
+    raw_mm = stats.across_settings(frame, "a", "b", scale="raw")
+    raw_m = stats.across_settings(rescaled(frame, "hd95", 1e-3), "a", "b", scale="raw")
+    assert raw_m.p < 0.01 < 0.1 < raw_mm.p  # the raw scale moves with the unit: why it is not the default
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(MIXED_METRICS), st.floats(1e-6, 1e6), st.booleans())
+def test_across_settings_rescaling_any_metric_or_flipping_a_sign_convention(metric, factor, flip):
+    frame = settings_frame(mixed_units_means(), metric_of=lambda i: MIXED_METRICS[i % 4])
+    frame.loc[frame["metric"] == "dice", "value"] = frame.loc[frame["metric"] == "dice", "value"].where(
+        frame.loc[frame["metric"] == "dice", "protocol"] != "cls/task0", 0.0)  # a Dice of 0 on both sides
+    frame.loc[(frame["metric"] == "auc") & (frame["encoder"] == "b") & (frame["protocol"] == "cls/task1"),
+              "value"] = 0.0  # a value of 0 on one side only
+    reference = stats.across_settings(frame, "a", "b")
+    changed = rescaled(frame, metric, factor)
+    if flip:  # the same distances given as negated values, higher is better
+        hd = changed["metric"] == "hd95"
+        changed.loc[hd, "value"] *= -1
+        changed.loc[hd, "metric"] = "neg_hd95"
+    got = stats.across_settings(changed, "a", "b")
+    assert np.isfinite(reference.p) and reference.n == 24
+    assert got.n == reference.n and got.statistic == pytest.approx(reference.statistic, rel=1e-9)
+    assert got.p == pytest.approx(reference.p, rel=1e-9)
+    assert got.effect == pytest.approx(reference.effect, rel=1e-9)
 
 
 def test_cliques_by_hand():

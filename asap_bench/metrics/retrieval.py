@@ -9,6 +9,16 @@ result does not depend on candidate order.
 
 Per-query ranks are what a record keeps: recall@K is the mean of ``rank <= K``, so it
 recomputes from the ranks and pairs across encoders query by query.
+
+A query with m relevant among N candidates ranks its truth at worst N - m + 1. Where K
+reaches that for every query, recall@K is 1 whatever the scores: it is recorded as
+undefined (None, with the reason), its per-query hits as None, so it recomputes to None.
+
+Chance level is recall@K of a uniformly random ranking: a query is a hit unless all K
+top places go to irrelevant candidates, P = 1 - C(N - m, K) / C(N, K) (hypergeometric),
+averaged over queries. Volume -> report: one relevant report among the P pooled ones,
+so chance = K / P. Report -> volume: m_j volumes carry report j among V test volumes,
+chance = mean_j [1 - C(V - m_j, K) / C(V, K)].
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
+from scipy.stats import hypergeom
 
 from .classification import Metric, undefined
 
@@ -42,15 +53,44 @@ def truth_ranks(scores, relevant) -> np.ndarray:
     return 1 + ((S >= best[:, None]) & ~R).sum(axis=1)
 
 
-def recall_at_k(ranks, k: int) -> Metric:
-    """Share of queries whose truth ranks within the first ``k``; NaN (with the reason) for no queries."""
+def trivial_reason(k: int, candidates: int | None, relevant=None) -> str:
+    """Why recall@``k`` is 1 whatever the scores ("" when it is not): ``k`` reaches every query's worst rank.
+
+    ``relevant`` holds each query's number of relevant candidates (one each when None).
+    """
+    if candidates is None:
+        return ""
+    m = np.ones(1) if relevant is None or len(relevant) == 0 else np.asarray(relevant, dtype=float)
+    worst = int(candidates - m.min() + 1)
+    if k < worst:
+        return ""
+    if worst == candidates:
+        return f"K={k} >= the {candidates} candidates of the pool: every query is a hit whatever the scores"
+    return (f"K={k} >= {worst}, the worst rank a truth can take among the {candidates} candidates: "
+            "every query is a hit whatever the scores")
+
+
+def recall_at_k(ranks, k: int, candidates: int | None = None, relevant=None) -> Metric:
+    """Share of queries whose truth ranks within the first ``k``; NaN with the reason for no queries, or where
+    ``k`` makes every query a hit whatever the scores (``candidates`` and ``relevant`` per query given)."""
     if k < 1:
         raise ValueError(f"recall@K needs K >= 1, got {k}")
     r = np.asarray(ranks, dtype=float)
     r = r[np.isfinite(r)]
     if r.size == 0:
         return undefined("no queries")
+    reason = trivial_reason(k, candidates, relevant)
+    if reason:
+        return undefined(reason)
     return Metric(float(np.mean(r <= k)))
+
+
+def chance_recall(k: int, candidates: int, relevant) -> float:
+    """Recall@``k`` of a uniformly random ranking: mean over queries of 1 - C(N - m, K) / C(N, K)."""
+    m = np.asarray(relevant, dtype=int)
+    if m.size == 0:
+        return math.nan
+    return float(np.mean(hypergeom.sf(0, candidates, m, min(k, candidates))))
 
 
 def metric_name(k: int, direction: str) -> str:
@@ -65,8 +105,20 @@ def parse_metric(name: str) -> tuple[int, str]:
     return int(head[7:]), direction
 
 
+def _relevant(units: dict[str, Any], mine: np.ndarray) -> np.ndarray:
+    """Relevant candidates per query of one direction; one each in units that do not say."""
+    counts = units.get("relevant")
+    return np.ones(int(mine.sum())) if counts is None else np.asarray(counts, dtype=float)[mine]
+
+
+def _pool(units: dict[str, Any], direction: str) -> int | None:
+    pool = units.get("pool") or {}
+    return int(pool[direction]) if direction in pool else None
+
+
 def score_units(units: dict[str, Any], metrics: Sequence[str]) -> dict[str, Metric]:
-    """Recall@K metrics from stored per-query units (``direction`` and ``rank`` aligned with ``ids``)."""
+    """Recall@K metrics from stored per-query units (``direction``, ``rank`` and, where given, ``relevant``
+    aligned with ``ids``; ``pool``: candidates per direction)."""
     directions = list(units["direction"])
     ranks = np.array([math.nan if r is None else r for r in units["rank"]], dtype=float)
     if len(directions) != len(ranks):
@@ -75,15 +127,33 @@ def score_units(units: dict[str, Any], metrics: Sequence[str]) -> dict[str, Metr
     for name in metrics:
         k, direction = parse_metric(name)
         mine = np.array([d == direction for d in directions], dtype=bool)
-        out[name] = recall_at_k(ranks[mine], k)
+        out[name] = recall_at_k(ranks[mine], k, _pool(units, direction), _relevant(units, mine))
     return out
 
 
-def per_query_hits(ranks, directions: Sequence[str], metrics: Sequence[str]) -> dict[str, list[float | None]]:
-    """Per query and metric: 1.0 hit, 0.0 miss, None for a query of the other direction (paired-test units)."""
-    r = np.asarray(ranks, dtype=float)
+def chance_units(units: dict[str, Any], metrics: Sequence[str]) -> dict[str, float]:
+    """Chance level of each recall@K metric for the pool the units describe (see the module doc)."""
+    directions = np.array(list(units["direction"]))
     out = {}
     for name in metrics:
         k, direction = parse_metric(name)
-        out[name] = [float(rank <= k) if d == direction else None for rank, d in zip(r, directions)]
+        mine = directions == direction
+        candidates = _pool(units, direction)
+        if candidates is not None and mine.any():
+            out[name] = chance_recall(k, candidates, _relevant(units, mine))
+    return out
+
+
+def per_query_hits(ranks, directions: Sequence[str], metrics: Sequence[str], *, pool: dict[str, int] | None = None,
+                   relevant: Sequence[int] | None = None) -> dict[str, list[float | None]]:
+    """Per query and metric: 1.0 hit, 0.0 miss, None for a query of the other direction (paired-test units),
+    and None throughout for a metric that is 1 whatever the scores (``pool`` and ``relevant`` given)."""
+    r = np.asarray(ranks, dtype=float)
+    units = {"direction": list(directions), "pool": pool or {}, "relevant": relevant}
+    out = {}
+    for name in metrics:
+        k, direction = parse_metric(name)
+        mine = np.array([d == direction for d in directions], dtype=bool)
+        trivial = bool(trivial_reason(k, _pool(units, direction), _relevant(units, mine)))
+        out[name] = [float(rank <= k) if d == direction and not trivial else None for rank, d in zip(r, directions)]
     return out

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from .tables import ALPHA, FORMATS, PROTOCOL_TABLE, filter_frame, render
+from .tables import ALPHA, FORMATS, PROTOCOL_TABLE, filter_frame, render, with_chance
 
 SOURCES = ("runs", "paper", "both")
 DEFAULT_RECORDS = Path("results") / "runs"
@@ -45,8 +45,9 @@ def _run_frames(records_dirs: Sequence[str | Path]) -> tuple[pd.DataFrame, pd.Da
             parts.append(agg.assign(source=source))
     if not parts:
         raise ValueError("the result records hold no successful job with a metric (all failed?)")
-    columns = ["encoder", "protocol", "regime", "metric", "mean", "std", "n_seeds", "source"]
-    return records, pd.concat(parts, ignore_index=True)[columns]
+    columns = ["encoder", "protocol", "regime", "metric", "mean", "std", "n_seeds", "n_undefined", "source"]
+    aggregated = pd.concat(parts, ignore_index=True)
+    return records, with_chance(aggregated[[c for c in columns if c in aggregated]], records)
 
 
 def missing_cells(records: pd.DataFrame, shown: pd.DataFrame | None = None) -> list[str]:
@@ -94,11 +95,45 @@ def _significance(records: pd.DataFrame, shown: pd.DataFrame, alpha: float) -> p
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
+def _write(text: str, out: str | Path | None) -> None:
+    if out is None:
+        sys.stdout.write(text)
+        return
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def _compare(pair: str, records_dirs, source: str, fmt: str, metric, family, regime, encoders, out, paper_dir,
+             alpha: float, figures) -> str:
+    """The across-settings comparison of two encoders, one block per data source."""
+    from .compare import compare_command
+
+    frames: dict[str, pd.DataFrame] = {}
+    paper = None
+    if source in ("paper", "both"):
+        from ..results.paper import paper_frame
+
+        paper = paper_frame(paper_dir)
+        frames["paper"] = filter_frame(paper, metric=metric, family=family, regime=regime)
+    if source in ("runs", "both"):
+        _, aggregated = _run_frames(records_dirs)
+        for name, rows in aggregated.groupby("source", sort=True):
+            frames[str(name)] = filter_frame(rows, metric=metric, family=family, regime=regime)
+    names = [e.strip() for e in str(encoders).split(",") if e.strip()] if encoders else None
+    text, notes = compare_command(frames, pair, fmt="json" if fmt == "json" else "text", encoders=names,
+                                  alpha=alpha, figures=figures, paper=paper)
+    if notes:
+        sys.stderr.write("\n".join(notes) + "\n")
+    _write(text, out)
+    return text
+
+
 def report_command(records_dirs: Sequence[str | Path] = (), source: str = "runs", fmt: str = "latex",
                    metric: str | None = None, family: str | None = None, regime: str | None = None,
                    encoders: str | None = None, out: str | Path | None = None, *,
                    paper_dir: str | Path | None = None, significance: bool = True, alpha: float = ALPHA,
-                   figures: str | Path | None = None) -> str:
+                   figures: str | Path | None = None, compare: str | None = None) -> str:
     """Render the tables and write them to ``out`` (or stdout); returns the text.
 
     ``source``: "runs" (records under ``records_dirs``, default results/runs), "paper"
@@ -107,7 +142,8 @@ def report_command(records_dirs: Sequence[str | Path] = (), source: str = "runs"
     ``metric`` "all" shows every metric, default the paper's (or the primary) one;
     ``regime`` takes fractions or percentages (0.01 or 1%). ``fmt`` "html" writes the
     leaderboard page (default results/report/leaderboard.html); ``figures`` names a
-    folder for the figures (PNG and PDF).
+    folder for the figures (PNG and PDF). ``compare`` ("A,B") prints the across-settings
+    comparison of two encoders instead (``report.compare``; ``fmt`` "json" as JSON).
     """
     fmt = {"md": "markdown", "tex": "latex"}.get(fmt, fmt)
     if source not in SOURCES:
@@ -121,6 +157,9 @@ def report_command(records_dirs: Sequence[str | Path] = (), source: str = "runs"
         if unknown:
             raise ValueError(f"unknown family {unknown}; expected one of {', '.join(FAMILIES)}")
 
+    if compare is not None:
+        return _compare(compare, records_dirs, source, fmt, metric, family, regime, encoders, out, paper_dir,
+                        alpha, figures)
     frames: list[pd.DataFrame] = []
     sig = None
     records = None

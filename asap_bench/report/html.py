@@ -18,6 +18,10 @@ Why it looks the way it does:
   already; surface distances (HD95) are millimetres and lower is better.
 - The table is rendered in full on the server side, so without JavaScript it is
   still complete; the script only sorts, filters and opens provenance details.
+- A number that cannot move says so, by the rules of the tables (``report.tables``):
+  fewer than two defined seeds print ``(n=1)`` instead of a spread and are ranked only
+  against cells of the same n; ``‡`` undefined in some or all seeds (``n/a``), ``§``
+  saturated at the metric's bound; a recall@K column states its chance level.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any
 import pandas as pd
 
 from ..stats import LOWER_IS_BETTER
-from .tables import metric_label, regime_label
+from .tables import SATURATED_MARK, UNDEFINED_MARK, count, is_saturated, metric_label, rankable, regime_label
 
 REQUIRED = ("encoder", "protocol", "regime", "metric", "mean", "std", "source")
 DEFAULT_TITLE = "asap-bench leaderboard"
@@ -137,10 +141,12 @@ def where(frame: pd.DataFrame, mask: list[bool]) -> pd.DataFrame:
 
 
 def choose_metrics(aggregated: pd.DataFrame) -> dict[str, str]:
-    """The metric shown per protocol: its primary metric, or, where the frame lacks it, the most common one."""
+    """The metric shown per protocol: its primary metric (the demo primary, which can move on the demo's small
+    pools, where every row is a demo row), or, where the frame lacks it, the most common one."""
     chosen: dict[str, str] = {}
     for protocol, rows in aggregated.groupby("protocol", sort=True):
-        primary, _ = _protocol_info(str(protocol))
+        demo = "source" in rows and bool((rows["source"].astype(str) == "demo").all())
+        primary = _primary_of(str(protocol), synthetic=demo)
         present = rows["metric"].astype(str)
         if primary is not None and (present == primary).any():
             chosen[str(protocol)] = primary
@@ -148,6 +154,15 @@ def choose_metrics(aggregated: pd.DataFrame) -> dict[str, str]:
             counts = present.value_counts()
             chosen[str(protocol)] = sorted(counts.index, key=lambda m: (-counts[m], m in LOWER_IS_BETTER, m))[0]
     return chosen
+
+
+def _primary_of(protocol: str, synthetic: bool) -> str | None:
+    try:
+        from ..protocol import get_protocol
+
+        return get_protocol(protocol).primary(synthetic)
+    except Exception:  # a protocol this install does not know: the most common metric is shown
+        return None
 
 
 def _marks(values: dict[Any, float], lower_is_better: bool) -> dict[Any, str]:
@@ -255,9 +270,11 @@ def build_context(aggregated: pd.DataFrame, significance: pd.DataFrame | None = 
     frame["metric"] = frame["metric"].astype(str)
     frame["source"] = frame["source"].astype(str)
     frame["regime"] = frame["regime"].astype(float).round(6)
-    chosen = choose_metrics(frame) if not frame.empty else {}
-    frame = where(frame, [chosen.get(p) == m for p, m in zip(frame["protocol"], frame["metric"])])
-    frame = where(frame, [_finite(v) for v in frame["mean"]])
+    chosen = {(p, s): m for s, rows in frame.groupby("source", sort=True) for p, m in choose_metrics(rows).items()}
+    frame = where(frame, [chosen.get((p, s)) == m for p, m, s in zip(frame["protocol"], frame["metric"],
+                                                                     frame["source"])])
+    undefined = frame["n_undefined"] if "n_undefined" in frame else pd.Series(0, index=frame.index)
+    frame = where(frame, [_finite(v) or (count(u) or 0) > 0 for v, u in zip(frame["mean"], undefined)])
 
     settings = sorted({(p, r, m) for p, r, m in zip(frame["protocol"], frame["regime"], frame["metric"])},
                       key=lambda s: (_family_rank(s[0].split("/")[0]), _protocol_rank(s[0]), s[0], s[1], s[2]))
@@ -269,7 +286,8 @@ def build_context(aggregated: pd.DataFrame, significance: pd.DataFrame | None = 
         columns.append({"index": i, "id": f"c{i}", "protocol": protocol, "family": family, "regime": regime,
                         "regime_key": f"{regime:g}", "regime_label": regime_label(regime), "metric": metric,
                         "metric_label": metric_label(metric), "task_label": task_label(protocol),
-                        "protocol_title": ptitle, "lower_is_better": lower, "unit": "mm" if lower else "%"})
+                        "protocol_title": ptitle, "lower_is_better": lower, "unit": "mm" if lower else "%",
+                        "chance": _chance_text(frame, protocol, regime, metric)})
 
     cards = {e: card_info(e) for e in sorted(set(frame["encoder"]) | set(aggregated["encoder"].astype(str)))}
     sig_index = _significance_index(significance)
@@ -280,17 +298,28 @@ def build_context(aggregated: pd.DataFrame, significance: pd.DataFrame | None = 
     for row in frame.to_dict("records"):
         col = settings.index((row["protocol"], row["regime"], row["metric"]))
         source = row["source"]
-        mean = display_value(row["mean"], row["metric"], source)
+        n, n_undefined = count(row.get("n_seeds")), count(row.get("n_undefined")) or 0
+        defined = _finite(row["mean"])
+        mean = display_value(row["mean"], row["metric"], source) if defined else math.nan
         std = display_value(row["std"], row["metric"], source) if _finite(row.get("std")) else None
-        text = f"{mean:.1f}" + (f" ± {std:.1f}" if std is not None else "")
-        n = row.get("n_seeds")
+        single = n is not None and n < 2
+        text = f"{mean:.1f}" + (f" ± {std:.1f}" if std is not None and not single else "") if defined else "n/a"
+        n_text = f"(n={n})" if defined and (single or n_undefined) else ""
+        saturated = is_saturated(row["mean"], row["metric"], source)
         if is_quoted(source):
             table_ref = f", Table {row['table']}" if has_table_col and _finite_str(row.get("table")) else ""
             note = f"quoted from the paper ({PAPER}{table_ref})"
         else:
-            note = f"measured over {int(n)} seed{'s' if int(n) != 1 else ''}" if _finite(n) else "measured"
+            note = f"measured over {n} seed{'s' if n != 1 else ''}" if n is not None else "measured"
             if source == "demo":
                 note += " on the synthetic demo cohort"
+        flags = []
+        if n_undefined:
+            flags.append((UNDEFINED_MARK, f"undefined in {n_undefined} of {(n or 0) + n_undefined} seeds "
+                                          "(the record notes say why)"))
+        if saturated:
+            flags.append((SATURATED_MARK, "saturated: every seed at the metric's best bound, so it cannot "
+                                          "separate encoders here"))
         dagger = None
         key = (row["encoder"], row["protocol"], row["regime"], row["metric"])
         if is_quoted(source):
@@ -302,14 +331,18 @@ def build_context(aggregated: pd.DataFrame, significance: pd.DataFrame | None = 
             if sig is not None:
                 dagger = _sig_note(sig)
         cells.setdefault((row["encoder"], source), {})[col] = {
-            "value": mean, "text": text, "note": note, "dagger": dagger, "mark": None, "source": source}
+            "value": mean if defined else None, "text": text, "note": note + "".join(f"; {w}" for _, w in flags),
+            "dagger": dagger, "mark": None, "source": source, "n": n, "n_text": n_text, "flags": flags}
 
     for col in columns:
-        by_source: dict[str, dict[tuple[str, str], float]] = {}
+        by_source: dict[str, list[tuple[tuple[str, str], dict[str, Any]]]] = {}
         for key, row_cells in cells.items():
-            if col["index"] in row_cells:
-                by_source.setdefault(key[1], {})[key] = row_cells[col["index"]]["value"]
-        for values in by_source.values():
+            cell = row_cells.get(col["index"])
+            if cell is not None and cell["value"] is not None:
+                by_source.setdefault(key[1], []).append((key, cell))
+        for entries in by_source.values():
+            allowed = rankable([cell["n"] for _, cell in entries])
+            values = {key: cell["value"] for (key, cell), ok in zip(entries, allowed) if ok}
             for key, mark in _marks(values, col["lower_is_better"]).items():
                 cells[key][col["index"]]["mark"] = mark
 
@@ -353,7 +386,12 @@ def build_context(aggregated: pd.DataFrame, significance: pd.DataFrame | None = 
     regimes = sorted({c["regime"] for c in columns})
     sources = sorted({r["source"] for r in rows}, key=lambda s: (source_rank.get(s, 1), s))
     tests = sorted({(str(r.get("test")), str(r.get("unit"))) for r in sig_index.values()})
+    shown = [c for r in rows for c in r["cells"] if c]
     return {
+        "has_single": any(c["n"] is not None and c["n"] < 2 and c["value"] is not None for c in shown),
+        "has_undefined": any(m == UNDEFINED_MARK for c in shown for m, _ in c["flags"]),
+        "has_saturated": any(m == SATURATED_MARK for c in shown for m, _ in c["flags"]),
+        "has_chance": any(c["chance"] for c in columns),
         "title": title, "paper": PAPER, "columns": columns, "rows": rows, "details": details,
         "families": [{"key": f, "title": FAMILY_TITLES.get(f, f)} for f in families],
         "regimes": [{"key": f"{r:g}", "label": regime_label(r)} for r in regimes],
@@ -361,6 +399,20 @@ def build_context(aggregated: pd.DataFrame, significance: pd.DataFrame | None = 
         "tests": tests, "page_provenance": page_provenance,
         "has_quoted": any(r["quoted"] for r in rows), "has_measured": any(not r["quoted"] for r in rows),
     }
+
+
+def _chance_text(frame: pd.DataFrame, protocol: str, regime: float, metric: str) -> str:
+    """The chance level of a column's metric in percent (per source where they differ); "" where none is given."""
+    if "chance" not in frame:
+        return ""
+    rows = frame[(frame["protocol"] == protocol) & (frame["regime"] == regime) & (frame["metric"] == metric)]
+    levels = {str(s): float(v) * (1.0 if is_quoted(s) else 100.0) for s, v in zip(rows["source"], rows["chance"])
+              if _finite(v)}
+    if not levels:
+        return ""
+    if len({round(v, 1) for v in levels.values()}) == 1:
+        return f"chance {next(iter(levels.values())):.1f} %"
+    return "chance " + ", ".join(f"{v:.1f} % ({source_label(s)})" for s, v in sorted(levels.items()))
 
 
 def _finite_str(value: Any) -> bool:

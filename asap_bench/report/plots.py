@@ -282,5 +282,12 @@ def make_figures(aggregated: pd.DataFrame, out_dir: Path, *, notes: list[str] | 
             notes.append(f"{source_label(source)}: no critical-difference diagram ({reason})")
             log.info(notes[-1])
         else:
-            written += _save(cd_figure(result, source), out_dir, f"critical_difference_{stem}")
+            written += write_cd_diagram(result, out_dir, source)
     return written
+
+
+def write_cd_diagram(result, out_dir: Path, source: str) -> list[Path]:
+    """``critical_difference_<source>`` (PNG and PDF) under ``out_dir``, from a ``stats.CriticalDifference``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return _save(cd_figure(result, source), out_dir, f"critical_difference_{_slug(source)}")

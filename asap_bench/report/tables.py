@@ -18,6 +18,17 @@ Why the rules are what they are:
   paper's own marks (quoted rows). A seed-level Wilcoxon test that cannot reach
   alpha never marks a cell, and the caption says so.
 - Quoted and measured rows shown together are always labelled (a Source column).
+- A number that cannot move says so. A cell with fewer than two defined seeds prints
+  its n (``36.4 (n=1)``) instead of a standard deviation, and is ranked only where
+  every cell it is compared with has the same n. ``‡`` marks a cell undefined in some
+  or all of its seeds (``n/a‡`` when in all; the record notes say why, e.g. recall@K
+  with K >= the retrieval pool). ``§`` marks a saturated measured cell: every defined
+  seed at the metric's best bound (100 % for the fractions: AUC, accuracy, recall,
+  Dice, NSD, C-index, BLEU; 0 mm for surface distances), i.e. the mean sits at the
+  bound with zero variance, so the metric cannot separate encoders there. The
+  caption states both rules when a table holds such a cell; csv and json carry
+  ``n_seeds``, ``n_undefined``, ``undefined``, ``saturated`` and, for recall@K, the
+  ``chance`` level of a uniformly random ranking (also stated in the caption).
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ import io
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import ROUND_HALF_UP, Decimal
 from functools import lru_cache
 from typing import Any, Iterable, Sequence
@@ -197,21 +208,60 @@ def _finite(value: Any) -> bool:
         return False
 
 
+UNDEFINED_MARK, SATURATED_MARK = "‡", "§"
+
+
+def is_saturated(mean: Any, metric: str, source: str) -> bool:
+    """A measured mean (in stored units: fraction, or mm) at the metric's best bound: 1, or 0 for distances.
+
+    Every metric here is bounded on that side, so the mean reaches the bound only when every
+    defined seed does (zero variance at the bound). Quoted numbers are printed rounded and never flagged.
+    """
+    if source == "paper" or not _finite(mean):
+        return False
+    return math.isclose(float(mean), 0.0 if metric in LOWER_IS_BETTER else 1.0, rel_tol=0.0, abs_tol=1e-12)
+
+
+def count(value: Any) -> int | None:
+    return int(value) if _finite(value) else None
+
+
 @dataclass
 class Cell:
-    mean: float
+    mean: float  # NaN where every seed is undefined
     std: float | None
-    n_seeds: int | None
+    n_seeds: int | None  # seeds with a defined value
     dagger: bool = False
     mark: str | None = None  # "best" or "second"
+    n_undefined: int = 0
+    saturated: bool = False
+    chance: float | None = None  # display units, where the metric has a chance level (recall@K)
+
+    @property
+    def defined(self) -> bool:
+        return _finite(self.mean)
+
+    @property
+    def single(self) -> bool:
+        """Fewer than two defined seeds: no spread to show, so the cell prints its n instead."""
+        return self.n_seeds is not None and self.n_seeds < 2
 
     @property
     def text(self) -> str:
-        return fmt1(self.mean)
+        return fmt1(self.mean) if self.defined else "n/a"
 
     @property
     def std_text(self) -> str | None:
-        return fmt1(self.std) if _finite(self.std) else None
+        return fmt1(self.std) if _finite(self.std) and self.defined and not self.single else None
+
+    @property
+    def n_text(self) -> str | None:
+        """The n of a cell over fewer seeds than it ran, or over fewer than two."""
+        return f"(n={self.n_seeds})" if self.defined and (self.single or self.n_undefined) else None
+
+    @property
+    def flags(self) -> str:
+        return (UNDEFINED_MARK if self.n_undefined else "") + (SATURATED_MARK if self.saturated else "")
 
 
 @dataclass
@@ -289,6 +339,8 @@ def normalise(frame: pd.DataFrame) -> pd.DataFrame:
         out["std"] = math.nan
     if "n_seeds" not in out:
         out["n_seeds"] = pd.NA
+    out["n_undefined"] = [count(v) or 0 for v in out["n_undefined"]] if "n_undefined" in out else 0
+    out["chance"] = out["chance"].astype(float) if "chance" in out else math.nan
     if "source" not in out:
         out["source"] = "runs"
     if "dagger" not in out:
@@ -302,7 +354,8 @@ def normalise(frame: pd.DataFrame) -> pd.DataFrame:
     out["regime"] = out["regime"].astype(float).map(_r)
     out["mean"] = out["mean"].astype(float)
     out["std"] = out["std"].astype(float)
-    out = out[out["mean"].map(_finite)]
+    out = out[out["mean"].map(_finite) | (out["n_undefined"] > 0)]  # a cell undefined in every seed is shown
+    out["saturated"] = [is_saturated(m, metric, s) for m, metric, s in zip(out["mean"], out["metric"], out["source"])]
     measured = (out["source"] != "paper") & ~out["metric"].isin(NOT_PERCENT)
     too_big = out[measured & (out["mean"].abs() > 1 + 1e-9)]
     if len(too_big):
@@ -310,7 +363,7 @@ def normalise(frame: pd.DataFrame) -> pd.DataFrame:
         raise ValueError(f"measured values must be fractions in [0, 1], got {first['mean']} for {first['encoder']} "
                          f"{first['protocol']} {first['metric']} (source {first['source']!r}); only source 'paper' "
                          "is given in percent")
-    out.loc[measured, ["mean", "std"]] = out.loc[measured, ["mean", "std"]] * 100
+    out.loc[measured, ["mean", "std", "chance"]] = out.loc[measured, ["mean", "std", "chance"]] * 100
     keys = ["encoder", "source", "protocol", "regime", "metric"]
     dup = out[out.duplicated(keys, keep=False)]
     if len(dup):
@@ -319,22 +372,47 @@ def normalise(frame: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
+def with_chance(aggregated: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
+    """``aggregated`` with a ``chance`` column (fraction; NaN where none): the chance level a record's units
+    state for its metric (recall@K: it depends on the test pool, the same for every seed of a cell)."""
+    from ..results.store import load_units
+
+    keys = ["source", "encoder", "protocol", "regime"]
+    found: list[dict[str, Any]] = []
+    if {"units_path", "metric", *keys} <= set(records.columns):
+        wanted = records[(records["status"] == "ok") & records["metric"].fillna("").str.startswith("recall@")
+                         & records["units_path"].notna()]
+        for key, rows in wanted.groupby(keys, sort=True):
+            try:
+                chance = (load_units(rows["units_path"].iloc[0]) or {}).get("chance") or {}
+            except (OSError, ValueError):  # a missing or damaged sidecar: that cell shows no chance level
+                continue
+            found += [dict(zip(keys, key), metric=m, chance=float(v)) for m, v in chance.items()]
+    if not found:
+        return aggregated.assign(chance=math.nan)
+    table = pd.DataFrame(found).drop_duplicates(keys + ["metric"])
+    return aggregated.merge(table, on=keys + ["metric"], how="left")
+
+
 @lru_cache(maxsize=1)
-def _protocol_metrics() -> dict[str, tuple[list[str], str]]:
+def _protocol_metrics() -> dict[str, tuple[list[str], str, str]]:
+    """Per shipped protocol: (metrics, primary metric, primary metric on the demo cohort)."""
     try:
         from ..protocol import shipped_protocols
 
-        return {pid: (list(p.metrics), p.primary_metric) for pid, p in shipped_protocols().items()}
+        return {pid: (list(p.metrics), p.primary(False), p.primary(True)) for pid, p in shipped_protocols().items()}
     except Exception:  # shipped protocols unreadable: every metric counts as listed
         return {}
 
 
-def _default_metrics(protocol: str) -> set[str] | None:
-    """What a table shows without --metric: the paper's metrics, else the protocol's primary one."""
-    if protocol in PROTOCOL_TABLE:
-        return {c.metric for c in PAPER_LAYOUTS[PROTOCOL_TABLE[protocol]][1] if c.protocol == protocol}
+def _default_metrics(protocol: str, source: str = "runs") -> set[str] | None:
+    """What a table shows without --metric: the paper's metrics and the protocol's primary one (on demo rows
+    its demo primary, a metric that can move on the demo's small pools)."""
     known = _protocol_metrics().get(protocol)
-    return {known[1]} if known else None
+    primary = {known[2] if source == "demo" else known[1]} if known else set()
+    if protocol in PROTOCOL_TABLE:
+        return {c.metric for c in PAPER_LAYOUTS[PROTOCOL_TABLE[protocol]][1] if c.protocol == protocol} | primary
+    return primary or None
 
 
 def filter_frame(frame: pd.DataFrame, *, metric: Any = None, family: Any = None, regime: Any = None,
@@ -343,7 +421,8 @@ def filter_frame(frame: pd.DataFrame, *, metric: Any = None, family: Any = None,
     out = frame
     metrics = _as_list(metric)
     if metrics is None:
-        keep = [m in (_default_metrics(p) or {m}) for p, m in zip(out["protocol"], out["metric"])]
+        sources = out["source"] if "source" in out else pd.Series("runs", index=out.index)
+        keep = [m in (_default_metrics(p, str(s)) or {m}) for p, m, s in zip(out["protocol"], out["metric"], sources)]
         out = out[keep]
     elif metrics != ["all"]:
         out = out[out["metric"].isin(metrics)]
@@ -463,13 +542,23 @@ def _generic_columns(sub: pd.DataFrame) -> list[Column]:
     return [Column(p, m, r, (TASK_LABELS.get(p, p), f"({metric_label(m)})", regime_label(r))) for p, m, r in items]
 
 
+def rankable(n_seeds: Sequence[int | None]) -> list[bool]:
+    """Which of the compared cells (by their defined seeds) may take a mark: all of them when they share one n,
+    else only those with two or more seeds, so a lone seed never outranks a mean over seeds."""
+    if len(set(n_seeds)) <= 1:
+        return [True] * len(n_seeds)
+    return [n is None or n >= 2 for n in n_seeds]
+
+
 def _rank(table: Table) -> None:
     """Bold the best and underline the second-best value per column and source, on printed numbers."""
     for j, column in enumerate(table.columns):
         sign = -1 if column.metric in LOWER_IS_BETTER else 1
         for source in table.sources:
-            entries = [(i, Decimal(c.text)) for (i, jj), c in table.cells.items()
-                       if jj == j and table.rows[i].source == source]
+            compared = [(i, c) for (i, jj), c in table.cells.items()
+                        if jj == j and table.rows[i].source == source and c.defined]
+            allowed = rankable([c.n_seeds for _, c in compared])
+            entries = [(i, Decimal(c.text)) for (i, c), ok in zip(compared, allowed) if ok]
             if len(entries) < 2:
                 continue
             distinct = sorted({v for _, v in entries}, key=lambda v: sign * v, reverse=True)
@@ -490,10 +579,37 @@ def _seeds_sentence(sub: pd.DataFrame, sources: list[str]) -> str:
             else:
                 parts.append("quoted rows: mean only (the paper prints no standard deviation)")
             continue
-        ns = [int(n) for n in rows["n_seeds"] if _finite(n)]
+        ns = [int(n) + int(u) for n, u in zip(rows["n_seeds"], rows["n_undefined"]) if _finite(n)]  # seeds run
         prefix = f"{source} rows: " if len(sources) > 1 else ""
         parts.append(f"{prefix}over {_n_text(ns).replace('n = ', '')} seeds" if ns else f"{prefix}seeds not given")
     return "Cells show {cellfmt}; " + "; ".join(parts) + "."
+
+
+def _honesty_sentences(table: Table) -> list[str]:
+    """What the n, the flags and the chance levels of this table's cells mean, for the cells that have them."""
+    cells = list(table.cells.values())
+    out = []
+    if any(c.single and c.defined for c in cells):
+        out.append("(n=1): one defined seed, so no standard deviation; such a cell is marked only when every "
+                   "cell of its column and source has the same n.")
+    if any(c.n_undefined for c in cells):
+        out.append(f"{UNDEFINED_MARK} undefined in some seeds (n counts the defined ones) or in all (n/a); the "
+                   "record notes say why (e.g. recall@K with K at or above the retrieval pool, which every "
+                   "query hits whatever the scores).")
+    if any(c.saturated for c in cells):
+        out.append(f"{SATURATED_MARK} saturated: every defined seed at the metric's best bound (100 %, or 0 mm "
+                   "for surface distances), so the metric cannot separate encoders here.")
+    chance = {}
+    for (i, j), c in sorted(table.cells.items()):
+        if c.chance is not None:
+            column, source = table.columns[j], table.rows[i].source
+            chance.setdefault((column.flat, source), c.chance)
+    if chance:
+        several = len({s for _, s in chance}) > 1
+        shown = "; ".join(f"{name}{f' ({s})' if several else ''} {fmt1(v)}" for (name, s), v in chance.items())
+        out.append("Chance level of recall@K (a uniformly random ranking; V2R: K/P over P pooled reports, R2V: "
+                   f"1 - C(V-m, K)/C(V, K) over V volumes, m carrying the report, averaged): {shown}.")
+    return out
 
 
 def _source_sentence(key: str, sources: list[str]) -> str:
@@ -535,12 +651,13 @@ def _build_table(key: str, sub: pd.DataFrame, sig: pd.DataFrame | None, alpha: f
     cells: dict[tuple[int, int], Cell] = {}
     for rec in sub.itertuples(index=False):
         i, j = row_index[(rec.encoder, rec.source)], col_index[(rec.protocol, rec.metric, _r(rec.regime))]
-        n = int(rec.n_seeds) if _finite(rec.n_seeds) else None
         if rec.source == "paper":
             dagger = bool(rec.dagger)
         else:
             dagger = (rec.encoder, rec.protocol, _r(rec.regime), rec.metric) in sig_keys
-        cells[(i, j)] = Cell(float(rec.mean), float(rec.std) if _finite(rec.std) else None, n, dagger)
+        cells[(i, j)] = Cell(float(rec.mean), float(rec.std) if _finite(rec.std) else None, count(rec.n_seeds),
+                             dagger, n_undefined=int(rec.n_undefined), saturated=bool(rec.saturated),
+                             chance=float(rec.chance) if _finite(rec.chance) else None)
 
     table = Table(key, title, columns, rows, cells, paper_layout=use_layout)
     _rank(table)
@@ -552,6 +669,7 @@ def _build_table(key: str, sub: pd.DataFrame, sig: pd.DataFrame | None, alpha: f
     marks = (f"Best in bold, second-best {{second}} per column{' within each source' if len(sources) > 1 else ''}, "
              f"ranked on the printed numbers ({direction}; ties share a mark).")
     sentences = [f"{title}.", _source_sentence(key, sources), _seeds_sentence(sub, sources), units, marks]
+    sentences += _honesty_sentences(table)
     if "paper" in sources:
         if sub.loc[sub["source"] == "paper", "dagger"].any():
             sentences.append("† as marked in the paper: ASAP significantly better than the second-best method by a "
@@ -594,7 +712,8 @@ def build_tables(frame: pd.DataFrame, significance: pd.DataFrame | None = None, 
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "→": r"$\rightarrow$", "±": r"$\pm$", "†": r"$^{\dagger}$", "α": r"$\alpha$", "–": "--",
+                  "→": r"$\rightarrow$", "±": r"$\pm$", "†": r"$^{\dagger}$", "‡": r"$^{\ddagger}$",
+                  "§": r"\S{}", "α": r"$\alpha$", "–": "--",
                   "<": r"$<$", ">": r"$>$"}
 
 
@@ -608,17 +727,23 @@ def _caption_latex(text: str) -> str:
     return "".join(p if p.startswith("$") and p.endswith("$") and len(p) > 1 else latex_escape(p) for p in pieces)
 
 
+_LATEX_FLAGS = {UNDEFINED_MARK: r"\ddagger", SATURATED_MARK: r"\S"}
+
+
 def _latex_cell(cell: Cell | None) -> str:
     if cell is None:
         return "--"
-    inner = cell.text + (f"_{{{cell.std_text}}}" if cell.std_text is not None else "")
-    if cell.dagger:
-        inner += r"^{\dagger}"
+    inner = cell.text if cell.defined else r"\mathrm{n/a}"
+    if cell.std_text is not None:
+        inner += f"_{{{cell.std_text}}}"
+    marks = ([r"\dagger"] if cell.dagger else []) + [_LATEX_FLAGS[f] for f in cell.flags]
+    if marks:
+        inner += "^{" + ",".join(marks) + "}"
     if cell.mark == "best":
         inner = rf"\mathbf{{{inner}}}"
     elif cell.mark == "second":
         inner = rf"\underline{{{inner}}}"
-    return f"${inner}$"
+    return f"${inner}$" + (f" {cell.n_text}" if cell.n_text else "")
 
 
 def _spans(columns: list[Column], level: int) -> list[tuple[str, int, int]]:
@@ -714,7 +839,7 @@ def _md_cell(cell: Cell | None) -> str:
         core = f"**{core}**"
     elif cell.mark == "second":
         core = f"*{core}*"
-    return core + ("†" if cell.dagger else "")
+    return core + ("†" if cell.dagger else "") + cell.flags + (f" {cell.n_text}" if cell.n_text else "")
 
 
 def to_markdown(tables: list[Table]) -> str:
@@ -739,7 +864,8 @@ def to_markdown(tables: list[Table]) -> str:
 
 
 CSV_COLUMNS = ["table", "group", "method", "encoder", "source", "protocol", "task", "metric", "regime", "column",
-               "mean", "std", "n_seeds", "unit", "display", "best", "second", "dagger"]
+               "mean", "std", "n_seeds", "n_undefined", "undefined", "saturated", "chance", "unit", "display", "best",
+               "second", "dagger"]
 
 
 def cell_records(tables: list[Table]) -> list[dict[str, Any]]:
@@ -752,9 +878,12 @@ def cell_records(tables: list[Table]) -> list[dict[str, Any]]:
                 "table": table.key, "group": row.group_title, "method": row.label, "encoder": row.encoder,
                 "source": row.source, "protocol": column.protocol, "task": TASK_LABELS.get(column.protocol, column.protocol),
                 "metric": column.metric, "regime": column.regime, "column": column.flat,
-                "mean": float(cell.text), "std": float(cell.std_text) if cell.std_text is not None else None,
-                "n_seeds": cell.n_seeds, "unit": "mm" if column.metric in NOT_PERCENT else "%",
-                "display": _md_cell(Cell(cell.mean, cell.std, cell.n_seeds, cell.dagger)),
+                "mean": float(cell.text) if cell.defined else None,
+                "std": float(cell.std_text) if cell.std_text is not None else None,
+                "n_seeds": cell.n_seeds, "n_undefined": cell.n_undefined, "undefined": cell.n_undefined > 0,
+                "saturated": cell.saturated, "chance": float(fmt1(cell.chance)) if cell.chance is not None else None,
+                "unit": "mm" if column.metric in NOT_PERCENT else "%",
+                "display": _md_cell(replace(cell, mark=None)),
                 "best": cell.mark == "best", "second": cell.mark == "second", "dagger": cell.dagger,
             })
     return out

@@ -68,6 +68,8 @@ def summarise(outcomes: list[Outcome]) -> list[dict]:
         row = rows.setdefault(key, {"encoder": key[0], "task": key[1], "regime": f"{key[2]:g}",
                                     "metric": o.job.protocol.primary_metric, "ok": 0, "cached": 0, "failed": 0,
                                     "skipped": 0, "todo": 0, "note": ""})
+        if o.primary:  # the metric the job reported: on the demo cohort its demo primary
+            row["metric"] = o.primary
         status = o.status if o.status in row else "todo"
         row[status] += 1
         if o.metric is not None:

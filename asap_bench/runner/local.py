@@ -71,6 +71,13 @@ class Outcome:
     metric: float | None = None
     seconds: float = 0.0
     message: str = ""
+    primary: str | None = None  # the metric ``metric`` is: the protocol's primary one for the data it ran on
+
+
+def _primary(job: Job, group: Group, metrics: dict[str, float | None] | None) -> dict[str, Any]:
+    """An outcome's metric and its name: on the demo cohort the protocol's demo primary metric."""
+    name = job.protocol.primary(group.manifest.synthetic)
+    return {"metric": metrics.get(name) if metrics else None, "primary": name}
 
 
 def seed_everything(seed: int) -> None:
@@ -450,8 +457,8 @@ def run_jobs(jobs: list[Job], options: RunOptions, log: logging.Logger, dry_run:
             record = existing(job.record_path(options.out))
             seen[job.record_path(options.out)] = record
             if is_done(job.record_path(options.out), record, key) and not options.force:
-                outcomes.append(Outcome(job, "cached", metric=record.metrics.get(protocol.primary_metric),
-                                        seconds=record.timing.seconds))
+                outcomes.append(Outcome(job, "cached", seconds=record.timing.seconds,
+                                        **_primary(job, group, record.metrics)))
             else:
                 state = "todo" if record is None else ("stale" if record.status == "ok" else "retry")
                 todo.append((job, split, key))
@@ -547,7 +554,7 @@ def run_one(job: Job, group: Group, split: Split, key: str, options: RunOptions,
             return Outcome(job, "failed", seconds=seconds, message=_not_written(path, problem))
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)  # the record holds the result; training state is spent
-    return Outcome(job, "ok", metric=result.metrics.get(job.protocol.primary_metric), seconds=seconds)
+    return Outcome(job, "ok", seconds=seconds, **_primary(job, group, result.metrics))
 
 
 def _run_locked(job: Job, group: Group, split: Split, key: str, options: RunOptions, log: logging.Logger,
@@ -567,6 +574,6 @@ def _run_locked(job: Job, group: Group, split: Split, key: str, options: RunOpti
         fresh = existing(path)
         done = is_done(path, fresh, key) and (not options.force or fresh != seen)
         if distributed.agree(done) if shared else done:
-            return Outcome(job, "cached", metric=fresh.metrics.get(job.protocol.primary_metric) if fresh else None,
-                           seconds=fresh.timing.seconds if fresh else 0.0, message="computed by another run")
+            return Outcome(job, "cached", seconds=fresh.timing.seconds if fresh else 0.0,
+                           message="computed by another run", **_primary(job, group, fresh.metrics if fresh else None))
         return run_one(job, group, split, key, options, log, session)

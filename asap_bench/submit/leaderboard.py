@@ -183,8 +183,9 @@ def _primary(frame: pd.DataFrame) -> pd.DataFrame:
     from ..protocol import shipped_protocols
 
     protocols = shipped_protocols()
-    primary = [protocols[p.split("@")[0]].primary_metric if p.split("@")[0] in protocols else None
-               for p in frame["protocol"]]
+    demo = [isinstance(s, (bool, np.bool_)) and bool(s) for s in frame["synthetic"]]
+    primary = [protocols[p.split("@")[0]].primary(d) if p.split("@")[0] in protocols else None
+               for p, d in zip(frame["protocol"], demo)]
     return frame[frame["metric"] == pd.Series(primary, index=frame.index)]
 
 

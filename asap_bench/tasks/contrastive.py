@@ -20,7 +20,11 @@ the classification units of the ``cls`` family, so the same statistics apply.
 ``ret`` ranks the deduplicated test reports for every test volume (V2R) and the
 test volumes for every unique test report (R2V) by cosine similarity; a hit is the
 query's own report text (R2V: any volume that carries it). Ties count against the
-query (metrics/retrieval.py). Units hold one rank and one hit per query and metric.
+query (metrics/retrieval.py). Units hold one rank, the number of relevant candidates
+and one hit per query and metric, and the chance level of each metric for this pool.
+Recall@K is None (with the reason in the notes) where K reaches every query's worst
+possible rank, so that it is 1 whatever the scores (R@50 over the demo's few dozen
+test reports); the notes state the chance level of every metric.
 
 Text embeddings of reports and prompts are computed once per text model and text
 set and cached under the feature cache root (data/text_cache.py). On the synthetic
@@ -46,7 +50,7 @@ from ..data.cache import cache_root
 from ..data.manifest import Manifest, file_sha256, label_matrix
 from ..data.text_cache import TextModelInfo, TextWeights, embed_texts
 from ..metrics.classification import score_outputs
-from ..metrics.retrieval import parse_metric, per_query_hits, score_units, truth_ranks
+from ..metrics.retrieval import chance_units, parse_metric, per_query_hits, score_units, truth_ranks
 from ..protocol import Protocol
 from ..schema import content_hash
 from .base import TaskFamily, TaskInputs, TaskResult, demo_note, head_params
@@ -445,6 +449,14 @@ class VocabularyClassification(_Contrastive):
         return self.result(prepared, metrics, notes, units, {"labels": len(names)})
 
 
+def chance_note(chance: dict[str, float], pool: dict[str, int]) -> str:
+    """The record's note on chance level: the value per metric and the formula for each direction."""
+    shown = ", ".join(f"{m} {v:.3f}" for m, v in chance.items())
+    return (f"chance level (a uniformly random ranking): {shown}; V2R: K/P with P = {pool['v2r']} test reports; "
+            f"R2V: mean over reports of 1 - C(V-m, K)/C(V, K) with V = {pool['r2v']} test volumes and m the "
+            "volumes carrying the report")
+
+
 class Retrieval(_Contrastive):
     """Volume -> report and report -> volume recall@K on the test set, reports deduplicated by text."""
 
@@ -477,18 +489,19 @@ class Retrieval(_Contrastive):
         ids = test_ids + [report_id(text) for text in pool]
         directions = ["v2r"] * len(test_ids) + ["r2v"] * len(pool)
         ranks = [int(x) for x in ranks_v2r] + [int(x) for x in ranks_r2v]
+        pools = {"v2r": len(pool), "r2v": len(test_ids)}
+        counts = [int(x) for x in relevant.sum(axis=1)] + [int(x) for x in relevant.sum(axis=0)]
+        names = list(protocol.metrics)
         units = {"kind": "query", "task": "retrieval", "ids": ids, "direction": directions, "rank": ranks,
-                 "per_case": per_query_hits(ranks, directions, list(protocol.metrics)),
+                 "relevant": counts,
+                 "per_case": per_query_hits(ranks, directions, names, pool=pools, relevant=counts),
                  "report_of": {c: report_id(prepared.texts[c]) for c in test_ids},
-                 "pool": {"v2r": len(pool), "r2v": len(test_ids)},
+                 "pool": pools,
                  "tie_rule": "rank = 1 + irrelevant candidates scoring >= the best relevant one"}
-        values = score_units(units, list(protocol.metrics))
+        units["chance"] = chance_units(units, names)
+        values = score_units(units, names)
         notes = {m: v.reason for m, v in values.items() if v.reason}
-        for metric in protocol.metrics:
-            k, direction = parse_metric(metric)
-            candidates = len(pool) if direction == "v2r" else len(test_ids)
-            if k >= candidates:
-                notes[metric] = f"K={k} >= the {candidates} candidates of the pool: every query is a hit"
+        notes["chance"] = chance_note(units["chance"], pools)
         metrics = {m: (v.value if v.defined else None) for m, v in values.items()}
         return self.result(prepared, metrics, notes, units, {"test_volumes": len(test_ids),
                                                              "test_reports": len(pool)})
