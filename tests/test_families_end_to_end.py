@@ -1,4 +1,9 @@
-"""Every family through the runner on the demo cohort; every record recomputes from its units."""
+"""cls and prog through the runner on the demo cohort at every regime; every record recomputes from its units.
+
+Segmentation and its external validations run here too (at the shipped demo budget); the
+frozen-feature vision-language families run end to end in tests/test_demo_discriminates.py,
+which also checks that they tell a good encoder from a bad one.
+"""
 
 from __future__ import annotations
 
@@ -39,20 +44,21 @@ def test_cls_and_prog_records_recompute_from_units(demo_root, tmp_path, monkeypa
     assert len(paths) == 15 + 6 + 2
     _recomputes(paths)
     severity = json.loads((out / "random" / "prog__stoic-severity" / "r1.0_s0.json").read_text())
-    assert severity["sizes"]["test"] < 40  # the COVID-positive subset only
+    stoic = json.loads((out / "random" / "cls__stoic" / "r1.0_s0.json").read_text())
+    assert severity["sizes"]["test"] < 0.75 * stoic["sizes"]["test"]  # the COVID-positive subset only
 
 
-def test_segmentation_and_vision_language_families_run_and_recompute(demo_root, tmp_path, monkeypatch):
-    """seg (with its external validations), rg, vqa, voc and ret: one seed, full training data."""
+def test_segmentation_and_its_external_validations_run_and_recompute(demo_root, tmp_path, monkeypatch):
+    """seg with its external validations, one seed, full training data: one fit per (protocol, seed)."""
     monkeypatch.setenv("ASAP_BENCH_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "runs"
-    tasks = "seg/*,ext/msd-rider,ext/luna16-c19,ext/covid1920-c19,rg/*,vqa/*,voc/*,ret/*"
-    paths = _run(demo_root, out, tasks, "--ratios", "1")
-    assert len(paths) == 7 + 3 + 2 + 1 + 2 + 2
+    paths = _run(demo_root, out, "seg/*,ext/msd-rider,ext/luna16-c19,ext/covid1920-c19", "--ratios", "1")
+    assert len(paths) == 7 + 3
     _recomputes(paths)
-    families = {read_record(p).family for p in paths}
-    assert families == {"seg", "ext", "rg", "vqa", "voc", "ret"}
-    for path in paths:
-        record = read_record(path)
-        if record.family in ("rg", "vqa", "voc", "ret"):
-            assert record.provenance.text_model and len(record.provenance.text_model_sha256 or "") == 64, path
+    records = {r.protocol: r for r in map(read_record, paths)}
+    sources = {"ext/msd-rider": "seg/msd-lung", "ext/luna16-c19": "seg/luna16-lung",
+               "ext/covid1920-c19": "seg/covid19-20"}
+    for ext, source in sources.items():  # one trains, the other reuses that very model
+        assert ("fit" in records[ext].notes) != ("fit" in records[source].notes), (ext, source)
+        assert records[ext].selected == records[source].selected
+    assert sum("fit" in r.notes for r in records.values()) == 3

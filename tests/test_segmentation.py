@@ -174,6 +174,15 @@ def test_unknown_head_param_is_an_error(demo_root, tmp_path):
         seg.Segmentation().run(inputs)
 
 
+def test_a_zero_budget_scores_the_model_as_built_and_a_negative_one_is_refused(demo_root, tmp_path):
+    built = seg.Segmentation().run(make_inputs(demo_root, tmp_path / "zero", "seg/luna16-lung",
+                                               {"demo_max_steps": 0}, sizes=(2, 1, 1)))
+    assert built.selected["steps"] == 0 and built.units["training"]["history"] == []
+    assert built.metrics["dice"] is not None
+    with pytest.raises(ValueError, match="max_steps must be a non-negative integer, got -1"):
+        seg.Segmentation().run(make_inputs(demo_root, tmp_path / "neg", "seg/luna16-lung", {"demo_max_steps": -1}))
+
+
 def inputs_test_ids(root: Path) -> list[str]:
     return make_inputs(root, Path("unused"), "seg/luna16-lung", FAST).split.test
 
@@ -231,3 +240,75 @@ def test_external_validation_scores_every_target_case(demo_root, tmp_path):
     mask = cache.get(inputs.target.frame.index[0]).mask
     raw = nib.load(inputs.target.mask_path(inputs.target.frame.index[0])).get_fdata()
     assert mask.sum() == (raw > 0).sum()
+
+
+# ---------------------------------------------------------------- one fit for a protocol and its external validation
+
+def _budget(protocol_id: str, params: dict):
+    from asap_bench.protocol import Protocol
+
+    data = get_protocol(protocol_id).model_dump(mode="json")
+    data["head"]["params"].update(params)
+    return Protocol.model_validate(data)
+
+
+def _run(root: Path, out: Path, protocols, cache: Path):
+    from asap_bench.results.record import read_record, read_units
+    from asap_bench.runner.jobs import expand
+    from asap_bench.runner.local import RunOptions, run_jobs
+
+    jobs = expand(["random"], protocols, [0], [1.0])
+    outcomes = run_jobs(jobs, RunOptions(data_root=root, out=out, variant="demo", progress=False, cache_dir=cache),
+                        logging.getLogger("test.seg"))
+    assert [o.status for o in outcomes] == ["ok"] * len(jobs), [o.message for o in outcomes]
+    records = {}
+    for job in jobs:
+        record = read_record(job.record_path(out))
+        records[job.protocol.id] = (record, read_units(job.record_path(out), record))
+    return records
+
+
+TINY = {"demo_max_steps": 2, "demo_val_every": 2}
+
+
+def test_an_external_validation_reuses_its_source_fit(demo_root, tmp_path, monkeypatch):
+    fits = []
+    monkeypatch.setattr(seg.Trainer, "fit", lambda self, _f=seg.Trainer.fit: fits.append(self.seed) or _f(self))
+    source, ext = _budget("seg/luna16-lung", TINY), _budget("ext/luna16-c19", TINY)
+    both = _run(demo_root, tmp_path / "both", [source, ext], tmp_path / "cache")
+    assert len(fits) == 1, "one training for the protocol and its external validation"
+    assert not (tmp_path / "both" / ".shared-fits").exists(), "the kept model is removed with the run"
+    (s_record, s_units), (e_record, e_units) = both[source.id], both[ext.id]
+    assert "reused" in e_record.notes["fit"] and "fit" not in s_record.notes
+    assert e_units["training"] == s_units["training"] and e_record.selected == s_record.selected
+
+    alone = _run(demo_root, tmp_path / "alone", [ext], tmp_path / "cache")[ext.id]  # trains its own, identically
+    assert len(fits) == 2 and "fit" not in alone[0].notes
+    for metric, value in alone[0].metrics.items():
+        assert e_record.metrics[metric] == pytest.approx(value, abs=1e-6), metric
+
+
+def test_a_planted_shared_fit_is_never_unpickled(demo_root, tmp_path, monkeypatch, caplog):
+    import os
+    import pickle
+
+    from asap_bench.runner import local
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    monkeypatch.setattr(local, "fit_key", lambda *a, **k: "f" * 64)
+    planted = tmp_path / "out" / local.SHARED_FITS / f"{'f' * 64}.pt"
+    planted.parent.mkdir(parents=True)
+    planted.write_bytes(pickle.dumps(Payload()))
+    fits = []
+    monkeypatch.setattr(seg.Trainer, "fit", lambda self, _f=seg.Trainer.fit: fits.append(self.seed) or _f(self))
+    with caplog.at_level(logging.WARNING):
+        _run(demo_root, tmp_path / "out", [_budget("ext/luna16-c19", TINY), _budget("seg/luna16-lung", TINY)],
+             tmp_path / "cache")
+    assert not marker.exists()
+    assert "ignoring kept model" in caplog.text and "training instead" in caplog.text
+    assert len(fits) == 1, "the first job trains (the planted file is refused), the second reuses its fit"

@@ -43,7 +43,7 @@ from . import phantom as ph
 from .cards import dataset_names, load_card
 from .phantom import T, Scanner
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 SEED = 20240531
 MARKER = "demo.json"
 LABEL_NOISE = 0.01  # share of report-mined labels flipped (CT-RATE, AHPH, RAD-ChestCT)
@@ -284,7 +284,7 @@ def plan_stoic(dataset: str = "stoic") -> list[Scan]:
     """COVID-19 = peripheral bilateral ground glass; severe = large extent (COVID cases only)."""
     rng = rng_for(dataset, "plan")
     scans = []
-    for i in range(120):
+    for i in range(400):  # enough COVID-positive test cases (about 40) for prog/stoic-severity to separate encoders
         case = f"stoic_{i + 1:04d}"
         covid = rng.random() < 0.5
         if covid:
@@ -331,7 +331,7 @@ def _jitter(rng: np.random.Generator, mm: float = 6.0) -> tuple[float, float, fl
 
 def plan_luna16(dataset: str = "luna16") -> list[Scan]:
     """40 series; 4 candidate patches each (nodule at the centre, or vessel / plain lung);
-    the first 30 series also go to the volumes table with lung masks."""
+    every series also goes to the volumes table with lung masks (12 test scans for seg/luna16-lung)."""
     rng = rng_for(dataset, "plan")
     scans = []
     for i in range(40):
@@ -342,8 +342,7 @@ def plan_luna16(dataset: str = "luna16") -> list[Scan]:
             findings["Emphysema"] = {}
         key = f"{dataset}/{uid}"
         images = []
-        if i < 30:
-            images += _chest_images(dataset, [uid], key, mask=MASKS[dataset])
+        images += _chest_images(dataset, [uid], key, mask=MASKS[dataset])
         kinds = ["nodule"] * min(n_nodules, 3) + ["vessel", "lung"] * 2
         for k, kind in enumerate(kinds[:4]):
             case = f"{uid}_cand{k + 1}"
@@ -426,9 +425,9 @@ def _covid(lo: float, hi: float) -> Callable[[np.random.Generator], dict]:
 
 
 def plan_acdc(dataset: str = "acdc") -> list[Scan]:
-    """15 patients x (end-diastole, end-systole); both frames of a patient share a split."""
+    """28 patients x (end-diastole, end-systole); both frames of a patient share a split (14 test frames)."""
     rng = rng_for(dataset, "plan")
-    splits = assign_splits(15, {"train": 0.75, "test": 0.25}, rng)
+    splits = assign_splits(28, {"train": 0.75, "test": 0.25}, rng)
     scans = []
     for i, split in enumerate(splits):
         patient = f"patient{i + 1:03d}"
@@ -441,6 +440,10 @@ def plan_acdc(dataset: str = "acdc") -> list[Scan]:
     return scans
 
 
+# Segmentation cohorts: a one-fifth test split of 60 holds 12 cases, enough for the per-case
+# Wilcoxon to separate a trained model from an untrained one (n = 12: p >= 0.0005).
+SEG_CASES = 60
+
 PLANNERS: dict[str, Callable[[], list[Scan]]] = {
     "ct-rate": plan_ct_rate,
     "rad-chestct": plan_rad_chestct,
@@ -449,20 +452,22 @@ PLANNERS: dict[str, Callable[[], list[Scan]]] = {
     "stoic": plan_stoic,
     "cc-ccii": plan_cc_ccii,
     "luna16": plan_luna16,
-    "inspect": lambda: plan_pe_cohort("inspect", 150, 0.3, {"train": 0.8, "test": 0.2}, True),
+    "inspect": lambda: plan_pe_cohort("inspect", 320, 0.3, {"train": 0.8, "test": 0.2}, True),  # ~20 test deaths
     "rspect": lambda: plan_pe_cohort("rspect", 60, 0.42, None, False),
-    "fumpe": lambda: plan_segmentation("fumpe", 16, lambda r: {"Pulmonary embolism": {"count": int(r.integers(2, 4))}},
+    "fumpe": lambda: plan_segmentation("fumpe", SEG_CASES,
+                                       lambda r: {"Pulmonary embolism": {"count": int(r.integers(2, 4))}},
                                        lambda i: f"PAT{i + 1:03d}"),
-    "msd-lung": lambda: plan_segmentation("msd-lung", 24, _tumour, lambda i: f"lung_{i + 1:03d}"),
+    "msd-lung": lambda: plan_segmentation("msd-lung", SEG_CASES, _tumour, lambda i: f"lung_{i + 1:03d}"),
     "rider": lambda: plan_segmentation("rider", 8, _tumour,
                                        lambda i: f"RIDER-{int(hex_id('rider', i), 16) % 10**10:010d}", repeats=2),
-    "covid19-20": lambda: plan_segmentation("covid19-20", 24, _covid(0.2, 1.0),
+    "covid19-20": lambda: plan_segmentation("covid19-20", SEG_CASES, _covid(0.2, 1.0),
                                             lambda i: f"volume-covid19-A-{i + 1:04d}"),
-    "covid19-ct-seg": lambda: plan_segmentation("covid19-ct-seg", 10, _covid(0.2, 1.0),
+    "covid19-ct-seg": lambda: plan_segmentation("covid19-ct-seg", 14, _covid(0.2, 1.0),
                                                 lambda i: f"coronacases_{i + 1:03d}"),
-    "segthor": lambda: plan_segmentation("segthor", 20, lambda r: {"Cardiomegaly": {}} if r.random() < 0.2 else {},
+    "segthor": lambda: plan_segmentation("segthor", SEG_CASES,
+                                         lambda r: {"Cardiomegaly": {}} if r.random() < 0.2 else {},
                                          lambda i: f"Patient_{i + 1:02d}"),
-    "btcv": lambda: plan_segmentation("btcv", 16, lambda r: {}, lambda i: f"img{i + 1:04d}", kind="abdomen"),
+    "btcv": lambda: plan_segmentation("btcv", SEG_CASES, lambda r: {}, lambda i: f"img{i + 1:04d}", kind="abdomen"),
     "acdc": plan_acdc,
 }
 

@@ -376,6 +376,35 @@ def _provenance(group: Group | None, job: Job, options: RunOptions, split: Split
     return Provenance(**{**base, **(extra or {})})
 
 
+FIT_FIELDS = ("data", "split", "preprocessing", "head")  # what a fine-tuned model depends on besides the job
+SHARED_FITS = ".shared-fits"
+
+
+def fit_key(group: Group, job: Job, split: Split, files: str) -> str:
+    """The identity of a fine-tuned model: an ext protocol and its source share it.
+
+    An external validation inherits its source's data, split, preprocessing and head, so
+    for the same encoder, regime and seed it would train the very same model again.
+    """
+    raw = job.protocol.model_dump(mode="json")
+    return content_hash({"fit": {f: raw[f] for f in FIT_FIELDS}, "encoder": group.encoder.fingerprint,
+                         "split": split.sha256, "data": group.data_fp, "files": files,
+                         "input": {**group.spec.model_dump(mode="json"), "fit": group.input_fit},
+                         "ratio": repr(float(job.ratio)), "seed": job.seed, "code": CODE_VERSION})
+
+
+def _fit_partners(jobs: list[Job]) -> set[tuple]:
+    """Jobs whose model another job of this run would train again (same encoder, split owner, regime, seed)."""
+    count: dict[tuple, int] = {}
+    for job in jobs:
+        count[_fit_ident(job)] = count.get(_fit_ident(job), 0) + 1
+    return {ident for ident, n in count.items() if n > 1}
+
+
+def _fit_ident(job: Job) -> tuple:
+    return job.encoder, job.protocol.split_owner, float(job.ratio), job.seed
+
+
 def _key(group: Group, job: Job, split: Split) -> str:
     return job_key(job, encoder_fingerprint=group.encoder.fingerprint, split_sha256=split.sha256,
                    data_fingerprint=group.data_fp, target_fingerprint=group.target_fp,
@@ -413,6 +442,7 @@ def run_jobs(jobs: list[Job], options: RunOptions, log: logging.Logger, dry_run:
     """
     check_inputs(jobs, options)
     session = Session(options, log)
+    partners = _fit_partners(jobs)
     outcomes: list[Outcome] = []
     seen: dict[Path, ResultRecord | None] = {}  # each job's record when it was found to need a run
     groups: dict[tuple[str, str], list[Job]] = {}
@@ -481,9 +511,11 @@ def run_jobs(jobs: list[Job], options: RunOptions, log: logging.Logger, dry_run:
         for index, (job, split, key) in enumerate(todo):
             if shared or index % distributed.world() == distributed.rank():
                 outcomes.append(_run_locked(job, group, split, key, options, log, seen[job.record_path(options.out)],
-                                            session if shared else None))
+                                            session if shared else None, shared and _fit_ident(job) in partners))
     if not dry_run:
         sweep_locks(options.out)
+        if distributed.rank() == 0:  # models kept for a partner job are spent once the run is over
+            shutil.rmtree(options.out / SHARED_FITS, ignore_errors=True)
     if distributed.world() > 1:
         gathered = distributed.gather(outcomes)
         if gathered is None:
@@ -510,7 +542,7 @@ def work_dir(job: Job, key: str, options: RunOptions) -> Path:
 
 
 def run_one(job: Job, group: Group, split: Split, key: str, options: RunOptions, log: logging.Logger,
-            session: Session | None = None) -> Outcome:
+            session: Session | None = None, share_fit: bool = False) -> Outcome:
     """Run one job and record it; ``session`` is needed by fine-tuning families (fresh encoders)."""
     started, t0 = now(), time.perf_counter()
     work = None
@@ -529,6 +561,9 @@ def run_one(job: Job, group: Group, split: Split, key: str, options: RunOptions,
             inputs.encoder = EncoderHandle(entry.card, lambda: session.build(entry, job.seed).train())
             inputs.spec = group.spec
             inputs.work_dir = work
+            if share_fit:
+                files = content_hash([session.files_identity(group.manifest), None])
+                inputs.shared_fit = options.out / SHARED_FITS / f"{fit_key(group, job, split, files)}.pt"
         result = group.family.run(inputs)
         bad = [k for k, v in result.metrics.items() if v is not None and not np.isfinite(v)]
         if bad:
@@ -558,7 +593,7 @@ def run_one(job: Job, group: Group, split: Split, key: str, options: RunOptions,
 
 
 def _run_locked(job: Job, group: Group, split: Split, key: str, options: RunOptions, log: logging.Logger,
-                seen: ResultRecord | None, session: Session | None = None) -> Outcome:
+                seen: ResultRecord | None, session: Session | None = None, share_fit: bool = False) -> Outcome:
     """``run_one`` under the job's lock; a record that another run wrote meanwhile is taken as it is.
 
     An interruption (Ctrl-C, SIGTERM) unwinds through here with the lock released and no
@@ -576,4 +611,4 @@ def _run_locked(job: Job, group: Group, split: Split, key: str, options: RunOpti
         if distributed.agree(done) if shared else done:
             return Outcome(job, "cached", seconds=fresh.timing.seconds if fresh else 0.0,
                            message="computed by another run", **_primary(job, group, fresh.metrics if fresh else None))
-        return run_one(job, group, split, key, options, log, session)
+        return run_one(job, group, split, key, options, log, session, share_fit)

@@ -74,6 +74,7 @@ class TaskInputs:
     encoder: EncoderHandle | None = None
     spec: InputSpec | None = None  # what the encoder is fed under this protocol
     work_dir: Path | None = None  # per-job folder (keyed by the job key) for resumable training state
+    shared_fit: Path | None = None  # where the fitted model is kept for another job of the run with the same fit
 
     @property
     def train(self) -> list[str]:

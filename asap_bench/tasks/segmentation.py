@@ -89,9 +89,12 @@ def head_settings(protocol: Protocol, synthetic: bool) -> tuple[dict[str, Any], 
     if settings["loss"] != "dice_ce" or settings["optimizer"] != "adamw":
         raise ValueError(f"{where}: head.params loss/optimizer must be 'dice_ce'/'adamw', got "
                          f"{settings['loss']!r}/{settings['optimizer']!r}")
-    for key in ("max_steps", "val_every", "samples_per_volume", "volumes_per_step", "sw_batch_size", "feature_size"):
+    for key in ("val_every", "samples_per_volume", "volumes_per_step", "sw_batch_size", "feature_size"):
         if int(settings[key]) < 1:
             raise ValueError(f"{where}: head.params {key} must be a positive integer, got {settings[key]!r}")
+    if int(settings["max_steps"]) < 0:  # 0 scores the model as built: the floor a trained run must beat
+        raise ValueError(f"{where}: head.params max_steps must be a non-negative integer, "
+                         f"got {settings['max_steps']!r}")
     settings["checkpoint_every"] = int(settings["checkpoint_every"] or settings["val_every"])
     return settings, replaced
 
@@ -329,6 +332,45 @@ class Trainer:
         self.seconds = time.perf_counter() - started
         self.steps_run = self.step - first
 
+    def summary(self) -> dict[str, Any]:
+        """What the record says about training (plain values: it is also kept with a shared fit)."""
+        return {"best_step": self.best_step, "best_val": self.best_val, "steps": self.step, "history": self.history,
+                "processes": self.world, "steps_run": self.steps_run, "train_seconds": round(self.seconds, 3),
+                "volumes_per_step": self.volumes_per_step, "resumed_from": self.resumed_from}
+
+
+def keep_fit(path: Path, model: torch.nn.Module, summary: dict[str, Any]) -> None:
+    """The selected weights and the training summary, for the run's other job with the same fit (rank 0)."""
+    if distributed.rank() == 0:
+        state = {"fit": path.stem, "model": model.state_dict(), "summary": summary}
+        files.write_atomic(path, lambda out: torch.save(state, out))
+    distributed.barrier()
+
+
+def reuse_fit(path: Path, model: torch.nn.Module, log) -> dict[str, Any] | None:
+    """Load a kept fit into ``model`` and return its summary; None (train instead) if there is none usable.
+
+    Read weights-only, like the training state: a file planted there cannot run code.
+    """
+    if not distributed.agree(path.is_file()):
+        return None
+    before = copy.deepcopy(model.state_dict())
+    summary = problem = None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("fit") != path.stem:
+            raise ValueError("made for another fit")
+        model.load_state_dict(state["model"])
+        summary = dict(state["summary"])
+    except Exception as err:
+        problem = _first_line(err)
+    if distributed.total(int(summary is not None)) < distributed.world():  # every rank uses it, or none
+        model.load_state_dict(before)
+        log.warning("ignoring kept model %s: %s; training instead", path,
+                    problem or "another process could not use it")
+        return None
+    return summary
+
 
 def _first_line(err: BaseException) -> str:
     return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
@@ -442,14 +484,22 @@ class Segmentation(TaskFamily):
                                     "protocol": protocol.fingerprint})
         trainer = Trainer(model, settings, source, train, val, n_classes, labels, inputs.seed, device,
                           inputs.work_dir, fingerprint, roi, _pad_value(spec), inputs.log)
-        trainer.fit()
-        if trainer.resumed_from is not None:
-            notes["resumed"] = f"resumed from the checkpoint at step {trainer.resumed_from}"
-        if trainer.best_state is not None:
-            model.load_state_dict(trainer.best_state)
-        if trainer.volumes_per_step != int(settings["volumes_per_step"]):
-            notes["volumes_per_step"] = (f"{trainer.volumes_per_step} volumes per step (rounded up to a multiple "
-                                         f"of the {trainer.world} processes)")
+        fit = reuse_fit(inputs.shared_fit, model, inputs.log) if inputs.shared_fit is not None else None
+        if fit is None:
+            trainer.fit()
+            if trainer.best_state is not None:
+                model.load_state_dict(trainer.best_state)
+            fit = trainer.summary()
+            if inputs.shared_fit is not None:
+                keep_fit(inputs.shared_fit, model, fit)
+        else:
+            notes["fit"] = ("the model another job of this run trained for the same data, split, head, encoder, "
+                            "regime and seed (identical training), reused")
+        if fit["resumed_from"] is not None:
+            notes["resumed"] = f"resumed from the checkpoint at step {fit['resumed_from']}"
+        if fit["volumes_per_step"] != int(settings["volumes_per_step"]):
+            notes["volumes_per_step"] = (f"{fit['volumes_per_step']} volumes per step (rounded up to a multiple "
+                                         f"of the {fit['processes']} processes)")
 
         # scoring: the test cases, or every case of an external-validation target
         if inputs.target is not None:
@@ -483,11 +533,11 @@ class Segmentation(TaskFamily):
         for metric in metrics:
             if summary.get(metric) is None:
                 notes[f"{metric}_undefined"] = "no scored case"
-        selected = {"best_step": trainer.best_step, "best_val_dice": trainer.best_val, "steps": trainer.step,
+        selected = {"best_step": fit["best_step"], "best_val_dice": fit["best_val"], "steps": fit["steps"],
                     "feature_blocks": model.feature_blocks, "crop": list(roi),
-                    "volumes_per_step": trainer.volumes_per_step}
-        units["training"] = {"history": trainer.history, "processes": trainer.world, "steps_run": trainer.steps_run,
-                             "train_seconds": round(trainer.seconds, 3)}
+                    "volumes_per_step": fit["volumes_per_step"]}
+        units["training"] = {"history": fit["history"], "processes": fit["processes"], "steps_run": fit["steps_run"],
+                             "train_seconds": fit["train_seconds"]}
         sizes = {"train": len(train), "val": len(val), "scored": len(cases)}
         return TaskResult(metrics={m: summary.get(m) for m in metrics}, notes=notes, selected=selected, sizes=sizes,
                           units=units)

@@ -6,7 +6,8 @@ projected visual tokens (``torch.nn.TransformerDecoder``-style layers; a layer
 without cross-attention every ``cross_attention_every``-th when it is above 1).
 Its outputs are projected linearly to the language model's embedding width and
 put before the tokenised question. The language model is frozen (optionally
-with LoRA adapters through ``peft``); the bridge is trained by supervised
+with LoRA adapters through ``peft``), or trained with the bridge when
+``train_language_model`` is set; the bridge is trained by supervised
 fine-tuning on the answer tokens of ``train_samples`` training questions drawn
 with the split seed, stratified over the question types, the epoch with the
 lowest validation loss is kept, and every test question is answered greedily.
@@ -18,8 +19,9 @@ recompute both.
 
 The paper's language model is a hub model (frozen, bf16 on GPU). A model given
 as a mapping (``{architecture: qwen3, init: random, ...}``) is built from a
-transformers config with seeded random weights: the demo's offline stand-in,
-which only exercises the code path.
+transformers config with seeded random weights: the demo's offline stand-in.
+Frozen, such a model knows no language, so no answer could depend on the image;
+the demo trains it with the bridge (``demo_train_language_model``).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from .text_decoding import (batches, check_tokens, grid_from_visual_tokens, load
 PARAMS = {"language_model", "chat_template", "visual_tokens", "n_query_tokens", "qformer_layers", "qformer_hidden",
           "qformer_heads", "cross_attention_every", "projection", "lora", "train_samples", "qa_types", "optimizer",
           "lr", "weight_decay", "lr_schedule", "warmup_ratio", "batch_size", "epochs", "select_on", "decoding",
-          "max_new_tokens", "bleu", "bertscore", "dropout", "eval_batch_size", "prompt"}
+          "max_new_tokens", "bleu", "bertscore", "dropout", "eval_batch_size", "prompt", "train_language_model"}
 QA_COLUMNS = ("qa_type", "question", "answer")
 DEFAULT_PROMPT = "Question: {question} Answer:"
 LM_SEED = 0  # a config-built language model is the same for every encoder and seed
@@ -66,6 +68,7 @@ class VQAParams:
     cross_every: int
     dropout: float
     lora: dict
+    train_lm: bool  # the language model is trained with the bridge (the demo's random stand-in knows no language)
     train_samples: int
     qa_types: tuple[str, ...]
     optimizer: str
@@ -104,6 +107,7 @@ class VQAParams:
             n_query=int(p.get("n_query_tokens", 32)), qformer_layers=int(p.get("qformer_layers", 6)),
             qformer_hidden=int(p.get("qformer_hidden", 768)), qformer_heads=int(p.get("qformer_heads", 12)),
             cross_every=int(p.get("cross_attention_every", 1)), dropout=float(p.get("dropout", 0.1)), lora=lora,
+            train_lm=bool(p.get("train_language_model", False)),
             train_samples=int(require(p, "train_samples", where)), qa_types=types,
             optimizer=str(p.get("optimizer", "adamw")), lr=float(p.get("lr", 1e-4)),
             weight_decay=float(p.get("weight_decay", 0.0)), lr_schedule=str(p.get("lr_schedule", "cosine")),
@@ -311,6 +315,9 @@ class VisualQuestionAnswering(TaskFamily):
         lm = load_language_model(p.language_model, p.chat_template, device, protocol.id)
         if p.lora.get("enabled", False):
             add_lora(lm, p.lora, protocol.id)
+        if p.train_lm:
+            for parameter in lm.model.parameters():
+                parameter.requires_grad_(True)
         scorer = BertScore(p.bertscore, device)
 
         pool, other = read_questions(inputs, list(inputs.train), p.qa_types)
@@ -367,7 +374,8 @@ class VisualQuestionAnswering(TaskFamily):
                        "normalised exact match",
             "per_type": "; ".join(f"{t}: " + ", ".join(f"{m} {v:.4f}" for m, v in vals.items() if v is not None)
                                   for t, vals in per_type.items()),
-            "language_model": f"{lm.name}, frozen" + (" with LoRA adapters" if p.lora.get("enabled") else "")
+            "language_model": f"{lm.name}, " + ("trained with the bridge" if p.train_lm else "frozen")
+                              + (" with LoRA adapters" if p.lora.get("enabled") else "")
                               + ("; chat template" if lm.chat else f"; prompt {p.prompt!r}"
                                  + (" (the tokenizer has no chat template)" if p.chat_template else "")),
             "selection": f"epoch {best_epoch} of {p.epochs} by validation loss on {len(val.ids)} question(s)",
