@@ -174,3 +174,94 @@ def test_unloadable_text_model_raises_before_training(demo_root, tmp_path):
 
     with pytest.raises(TextModelError, match="missing-model"):
         ReportGeneration().run(TaskInputs(protocol, manifest, split, 1.0, 0, NoTokens()))
+
+
+# --------------------------------------------------------------------------- incremental decoding
+
+def _small_model(vocab: int = 14, n_visual: int = 6, visual_dim: int = 10, **params):
+    from asap_bench.tasks.report_generation import ReportModel
+
+    fixed = {"demo_encoder_layers": 1, "demo_d_model": 32, "demo_n_heads": 4, "demo_d_ff": 64, "demo_dropout": 0.1,
+             "demo_max_len": 40}  # not the shipped demo settings, so that a budget change cannot alter this test
+    p, _ = RGParams.read(with_params("rg/ctrg", **{**fixed, **params}), synthetic=True)
+    torch.manual_seed(0)
+    model = ReportModel(visual_dim, n_visual, vocab, p).eval()  # untrained: inputs finish at different steps
+    with torch.no_grad():
+        memory = model.encode(torch.randn(5, n_visual, visual_dim))
+    return model, memory
+
+
+def _plain_step(model, memory):
+    def step(prefix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return model.decode(memory[rows], prefix)[:, -1].log_softmax(-1)
+    return step
+
+
+@pytest.mark.parametrize("beam_size,length_penalty", [(1, 0.0), (3, 0.0), (3, 1.0), (4, 1.0)])
+def test_incremental_step_equals_decoding_the_whole_prefix_through_a_beam_search(beam_size, length_penalty):
+    """IncrementalStep's log-probs equal model.decode(memory[rows], prefix)[:, -1].log_softmax(-1) at every
+    step of a beam search (beams reordered, finished inputs padded with EOS), and the decoded reports agree."""
+    from asap_bench.tasks.report_generation import IncrementalStep
+
+    for layers in (1, 2):
+        model, memory = _small_model(demo_decoder_layers=layers)
+        plain = _plain_step(model, memory)
+        eos = model.out.bias[Vocabulary.EOS].item()
+        for shift in np.linspace(-6.0, 4.0, 101):  # an EOS bias at which the inputs finish at different lengths
+            with torch.no_grad():
+                model.out.bias[Vocabulary.EOS] = eos + shift
+                lengths = {len(s) for s in beam_decode(plain, len(memory), Vocabulary.BOS, Vocabulary.EOS, 24,
+                                                       beam_size, "cpu", length_penalty)}
+            if len(lengths) > 1:
+                break
+        assert len(lengths) > 1, lengths
+        incremental = IncrementalStep(model, memory)
+        worst, calls, reused = [0.0], [0], [0]
+
+        def checked(prefix, rows):
+            calls[0] += 1
+            reused[0] += incremental._previous_rows(prefix, rows.tolist()) is not None  # only the newest position
+            got = incremental(prefix, rows)
+            worst[0] = max(worst[0], float((got - plain(prefix, rows)).abs().max()))
+            return got
+
+        with torch.no_grad():
+            want = beam_decode(plain, len(memory), Vocabulary.BOS, Vocabulary.EOS, 24, beam_size, "cpu", length_penalty)
+            got = beam_decode(checked, len(memory), Vocabulary.BOS, Vocabulary.EOS, 24, beam_size, "cpu",
+                              length_penalty)
+        assert calls[0] > 3 and reused[0] == calls[0] - 1  # every call after the first extends the previous one
+        assert worst[0] < 1e-5, worst[0]
+        assert got == want
+
+
+def test_incremental_step_follows_reordered_dropped_and_unrelated_rows():
+    """Rows reordered, duplicated or dropped between calls reuse the kept layer inputs; a prefix the previous
+    call did not hold (or one on another memory row) is decoded in full; all equal the plain computation."""
+    from asap_bench.tasks.report_generation import IncrementalStep
+
+    model, memory = _small_model(demo_decoder_layers=2)
+    plain = _plain_step(model, memory)
+    step = IncrementalStep(model, memory)
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.cat([torch.full((6, 1), Vocabulary.BOS), torch.randint(4, 14, (6, 2), generator=g)], dim=1)
+    rows = torch.tensor([0, 0, 1, 2, 3, 4])
+    worst = 0.0
+    with torch.no_grad():
+        for k, order in enumerate(([0, 1, 2, 3, 4, 5], [5, 3, 3, 0, 2, 1], [2, 0, 1], [1, 1, 0, 2], [3, 0])):
+            order = torch.tensor(order)
+            # a PAD among the new tokens too: it is masked as a key, as in model.decode
+            prefix = torch.cat([prefix[order], torch.randint(0, 14, (len(order), 1), generator=g)], dim=1)
+            rows = rows[order]
+            assert (step._previous_rows(prefix, rows.tolist()) is not None) == (k > 0)
+            worst = max(worst, float((step(prefix, rows) - plain(prefix, rows)).abs().max()))
+        assert worst < 1e-5, worst
+        # the same tokens on another memory row: layer inputs past the first differ, so it is decoded in full
+        moved = (rows + 1) % len(memory)
+        longer = torch.cat([prefix, torch.full((len(prefix), 1), 5)], dim=1)
+        assert step._previous_rows(longer, moved.tolist()) is None
+        assert float((step(longer, moved) - plain(longer, moved)).abs().max()) < 1e-5
+        # a prefix that does not extend the previous call's (other tokens) is decoded in full
+        other = torch.randint(4, 14, (3, longer.shape[1] + 1), generator=g)
+        other[:, 0] = Vocabulary.BOS
+        assert step._previous_rows(other, [0, 1, 2]) is None
+        assert float((step(other, torch.arange(3)) - plain(other, torch.arange(3))).abs().max()) < 1e-5

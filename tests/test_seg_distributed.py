@@ -39,7 +39,8 @@ root, work, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 if distributed.launched_by_torchrun():
     distributed.init("cpu")
 protocol = get_protocol("seg/fumpe")
-params = {**protocol.head.params, "demo_max_steps": 2, "demo_val_every": 2, "demo_volumes_per_step": 2}
+params = {**protocol.head.params, "demo_max_steps": 2, "demo_val_every": 2, "demo_volumes_per_step": 2,
+          "demo_feature_size": 8}
 protocol = protocol.model_copy(update={"head": protocol.head.model_copy(update={"params": params})})
 manifest = load_manifest(root, "fumpe")
 split = make_split(manifest, protocol, 0)

@@ -22,7 +22,7 @@ from asap_bench.tasks import segmentation as seg
 from asap_bench.tasks.base import EncoderHandle, TaskInputs
 from asap_bench.tasks.unetr import EncoderUNETR, scale_blocks, upsample_factors
 
-FAST = {"demo_max_steps": 3, "demo_val_every": 3, "demo_checkpoint_every": 1}
+FAST = {"demo_max_steps": 3, "demo_val_every": 3, "demo_checkpoint_every": 1, "demo_feature_size": 8}
 
 
 def sized_card(name: str, spec):
@@ -268,7 +268,7 @@ def _run(root: Path, out: Path, protocols, cache: Path):
     return records
 
 
-TINY = {"demo_max_steps": 2, "demo_val_every": 2}
+TINY = {"demo_max_steps": 2, "demo_val_every": 2, "demo_feature_size": 8}
 
 
 def test_an_external_validation_reuses_its_source_fit(demo_root, tmp_path, monkeypatch):

@@ -49,7 +49,8 @@ class Config:
 
 def tiny_seg_protocol():
     protocol = get_protocol("seg/fumpe")
-    params = {**protocol.head.params, "demo_max_steps": 1, "demo_val_every": 1, "demo_val_cases": 1}
+    params = {**protocol.head.params, "demo_max_steps": 1, "demo_val_every": 1, "demo_val_cases": 1,
+              "demo_feature_size": 8}
     return protocol.model_copy(update={"head": protocol.head.model_copy(update={"params": params})})
 
 

@@ -114,3 +114,41 @@ def test_lora_without_peft_fails_with_a_clear_message(demo_root, tmp_path, monke
     protocol = with_params(lora={"enabled": True, "r": 4, "alpha": 8})
     with pytest.raises(RuntimeError, match=r"lora.enabled is true but peft is not installed \(pip install peft\)"):
         VisualQuestionAnswering().run(_inputs(demo_root, tmp_path, protocol))
+
+
+def test_answer_loss_equals_the_language_models_own_loss_and_gradients():
+    """answer_loss (vocabulary projection on answer positions only) equals model(..., labels=...).loss,
+    with the same gradients for the inputs and every weight, on right-padded rows of different lengths."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from asap_bench.tasks.vqa import answer_loss
+
+    config = Qwen3Config(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, head_dim=8, intermediate_size=64, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config)
+    model.train()  # as in training (the config has no dropout, so both passes see the same network)
+    g = torch.Generator().manual_seed(1)
+    lengths, width = [11, 7, 9], 11
+    mask = torch.zeros(3, width, dtype=torch.long)
+    labels = torch.full((3, width), -100, dtype=torch.long)
+    for i, (n, start) in enumerate(zip(lengths, [5, 3, 6])):
+        mask[i, :n] = 1
+        labels[i, start:n] = torch.randint(0, 97, (n - start,), generator=g)  # answer tokens, then padding
+    base = torch.randn(3, width, 32, generator=g)
+
+    def run(fn):
+        model.zero_grad(set_to_none=True)
+        embeds = base.clone().requires_grad_(True)
+        loss = fn(embeds)
+        loss.backward()
+        return loss.detach(), embeds.grad, {k: v.grad.clone() for k, v in model.named_parameters()}
+
+    want = run(lambda e: model(inputs_embeds=e, attention_mask=mask, labels=labels).loss)
+    got = run(lambda e: answer_loss(model, e, mask, labels))
+    assert float(got[0]) == pytest.approx(float(want[0]), abs=1e-5)
+    assert torch.allclose(got[1], want[1], atol=1e-6, rtol=1e-4)
+    assert want[2].keys() == got[2].keys()
+    for name in want[2]:
+        assert torch.allclose(got[2][name], want[2][name], atol=1e-6, rtol=1e-4), name

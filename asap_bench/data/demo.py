@@ -43,7 +43,7 @@ from . import phantom as ph
 from .cards import dataset_names, load_card
 from .phantom import T, Scanner
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 SEED = 20240531
 MARKER = "demo.json"
 LABEL_NOISE = 0.01  # share of report-mined labels flipped (CT-RATE, AHPH, RAD-ChestCT)
@@ -276,7 +276,8 @@ def plan_ahph(dataset: str = "ahph") -> list[Scan]:
 
 
 def plan_ctrg(dataset: str = "ctrg") -> list[Scan]:
-    return plan_report_cohort(dataset, 100, {"train": 0.8, "val": 0.1, "test": 0.1}, (), CT_RATE_LABELS,
+    """300 patients at the official split's shares: 30 test reports, enough for rg/ctrg to separate encoders."""
+    return plan_report_cohort(dataset, 300, {"train": 0.8, "val": 0.1, "test": 0.1}, (), CT_RATE_LABELS,
                               ("findings",), False, lambda i, split: f"CTRG{i + 1:05d}")
 
 
@@ -413,8 +414,15 @@ def plan_segmentation(dataset: str, n: int, findings: Callable[[np.random.Genera
     return scans
 
 
+# Lesions of the segmentation cohorts are drawn larger than the report cohorts' findings, so
+# that on the 5 x 5 x 8 mm demo grid each covers hundreds of voxels (a 30 mm mass is about 70)
+# and a briefly trained UNETR can learn them (docs/demo.md, the segmentation floors).
+SEG_TUMOUR_RADIUS_MM = (20.0, 32.0)
+SEG_EMBOLUS_MM = (18.0, 30.0)
+
+
 def _tumour(rng: np.random.Generator) -> dict:
-    found = {"Tumour": {}}
+    found = {"Tumour": {"radius_mm": SEG_TUMOUR_RADIUS_MM}}
     if rng.random() < 0.3:
         found["Emphysema"] = {}
     return found
@@ -455,7 +463,9 @@ PLANNERS: dict[str, Callable[[], list[Scan]]] = {
     "inspect": lambda: plan_pe_cohort("inspect", 320, 0.3, {"train": 0.8, "test": 0.2}, True),  # ~20 test deaths
     "rspect": lambda: plan_pe_cohort("rspect", 60, 0.42, None, False),
     "fumpe": lambda: plan_segmentation("fumpe", SEG_CASES,
-                                       lambda r: {"Pulmonary embolism": {"count": int(r.integers(2, 4))}},
+                                       lambda r: {"Pulmonary embolism": {"count": int(r.integers(4, 7)),
+                                                                          "length_mm": SEG_EMBOLUS_MM},
+                                                  "Pulmonary artery enlargement": {}},
                                        lambda i: f"PAT{i + 1:03d}"),
     "msd-lung": lambda: plan_segmentation("msd-lung", SEG_CASES, _tumour, lambda i: f"lung_{i + 1:03d}"),
     "rider": lambda: plan_segmentation("rider", 8, _tumour,

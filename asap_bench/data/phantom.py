@@ -926,11 +926,12 @@ def draw_covid_pattern(canvas, chest, rng, contrast=None, *, extent: float = 0.5
     return {"location": "bilateral peripheral", "extent": round(extent, 2), "patches": n}
 
 
-def draw_tumour(canvas, chest, rng, contrast=None, *, lobe: str | None = None) -> Record:
-    """A lobulated lung mass (40 HU): a few overlapping spheres, 16-40 mm across."""
+def draw_tumour(canvas, chest, rng, contrast=None, *, lobe: str | None = None,
+                radius_mm: tuple[float, float] = (8, 20)) -> Record:
+    """A lobulated lung mass (40 HU): a few overlapping spheres, 16-40 mm across by default."""
     lobe = lobe or pick_lobe(rng)
     c = lobe_point(chest, lobe, rng, margin=0.15)
-    radius = _u(rng, 8, 20)
+    radius = _u(rng, *radius_mm)
     canvas.paint(Ellipsoid(c, (radius, radius, radius)), 40, T.TUMOUR, region="lung", ensure=True)
     for _ in range(int(rng.integers(1, 3))):
         d = rng.normal(size=3)
@@ -940,7 +941,8 @@ def draw_tumour(canvas, chest, rng, contrast=None, *, lobe: str | None = None) -
     return {"location": lobe, "size_mm": round(2 * radius), "centre": c}
 
 
-def draw_embolism(canvas, chest, rng, contrast=None, *, count: int | None = None) -> Record:
+def draw_embolism(canvas, chest, rng, contrast=None, *, count: int | None = None,
+                  length_mm: tuple[float, float] = (10, 18)) -> Record:
     """Filling defects: dark (35 HU) plugs inside contrast-filled pulmonary arteries."""
     count = count or int(rng.integers(1, 4))
     names = []
@@ -948,7 +950,7 @@ def draw_embolism(canvas, chest, rng, contrast=None, *, count: int | None = None
         i = int(rng.integers(1, len(chest.arteries)))
         tube, side = chest.arteries[i], chest.artery_side[i]
         c = tube.at(_u(rng, 0.3, 0.8) if tube.r >= 9 else _u(rng, 0.15, 0.5))
-        length = _u(rng, 10, 18)
+        length = _u(rng, *length_mm)
         canvas.paint(Ellipsoid(c, (length, length, length)), 35, T.EMBOLUS, within=(T.PULM_ARTERY,), ensure=True)
         names.append(("main " if tube.r >= 9 else "lobar ") + f"{SIDE_NAME.get(side, 'main')} pulmonary artery")
     return {"location": ", ".join(sorted(set(names))), "count": count}
@@ -961,7 +963,15 @@ def adjust_chest(chest: Chest, findings: tuple[str, ...], rng: np.random.Generat
         h = chest.heart
         heart = Ellipsoid((h.c[0] - 8, h.c[1], h.c[2] + 5), (h.r[0] * k, h.r[1] * k, h.r[2] * k * 0.95))
         chest = replace(chest, heart=heart)
+    if "Pulmonary artery enlargement" in findings:  # the dilated arteries of pulmonary hypertension
+        k = _u(rng, 1.5, 1.7)
+        chest = replace(chest, arteries=tuple(replace(t, r=t.r * k) for t in chest.arteries))
     return chest
+
+
+def draw_artery_enlargement(canvas, chest, rng, contrast=None) -> Record:
+    """Nothing to draw: ``adjust_chest`` widens the pulmonary arteries before the chest is drawn."""
+    return {}
 
 
 @dataclass(frozen=True)
@@ -992,6 +1002,7 @@ FINDINGS: dict[str, Finding] = {
     "Coronary artery wall calcification": Finding(draw_coronary_calcification, 18),
     "Arterial wall calcification": Finding(draw_arterial_calcification, 19),
     "Medical material": Finding(draw_medical_material, 20),
+    "Pulmonary artery enlargement": Finding(draw_artery_enlargement, 21),
 }
 
 

@@ -135,6 +135,81 @@ class ReportModel(nn.Module):
         return self.decode(self.encode(visual), prefix)
 
 
+class IncrementalStep:
+    """``step(prefix, rows)`` for ``beam_decode`` / ``greedy_decode``: the next-token log-probs of
+    ``model.decode(memory[rows], prefix)[:, -1]``, computing only the newest position.
+
+    Under the causal mask a decoder layer's inputs at earlier positions do not change as the prefix
+    grows, so each layer's inputs are kept per prefix row (re-indexed when beam search reorders or
+    drops rows) and only the last position is run through the layers: the same log-probs as decoding
+    the whole prefix at every step, at O(T) rather than O(T^2) decoder work per report. A prefix whose
+    first t-1 tokens were not the previous call's is decoded in full.
+    """
+
+    def __init__(self, model: ReportModel, memory: torch.Tensor):
+        self.model, self.memory = model, memory
+        self.prefix: torch.Tensor | None = None  # the previous call's prefixes [N, t-1]
+        self.rows: list[int] = []  # and the memory row of each
+        self.inputs: list[torch.Tensor] = []  # per decoder layer: its inputs [N, t-1, d] for those prefixes
+
+    def _previous_rows(self, prefix: torch.Tensor, rows: list[int]) -> torch.Tensor | None:
+        """For each row of ``prefix`` minus its last token, the row of the previous call it extends
+        (the same tokens on the same memory row: layer inputs past the first depend on the memory)."""
+        if self.prefix is None or self.prefix.shape[1] != prefix.shape[1] - 1:
+            return None
+        head = prefix[:, :-1]
+        if rows == self.rows and torch.equal(head, self.prefix):
+            return torch.arange(len(head), device=prefix.device)
+        seen = {(r, tuple(row)): i for i, (r, row) in enumerate(zip(self.rows, self.prefix.tolist()))}
+        found = [seen.get((r, tuple(row))) for r, row in zip(rows, head.tolist())]
+        if any(i is None for i in found):
+            return None
+        return torch.as_tensor(found, dtype=torch.long, device=prefix.device)
+
+    @torch.no_grad()
+    def __call__(self, prefix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        model, t, listed = self.model, prefix.shape[1], rows.tolist()
+        previous = self._previous_rows(prefix, listed)
+        first = 0 if previous is None else t - 1  # positions computed in this call: first .. t-1
+        x = model.embed(prefix[:, first:]) * model.scale + model.text_pos(torch.arange(first, t, device=prefix.device))
+        padding = torch.zeros(prefix.shape, dtype=x.dtype, device=prefix.device).masked_fill(
+            prefix == Vocabulary.PAD, float("-inf"))
+        causal = (nn.Transformer.generate_square_subsequent_mask(t, device=prefix.device, dtype=x.dtype)
+                  if previous is None else None)
+        memory = self.memory[rows]
+        inputs = []
+        for i, layer in enumerate(model.transformer.decoder.layers):
+            keys = x if previous is None else torch.cat([self.inputs[i][previous], x], dim=1)
+            inputs.append(keys)
+            x = _decoder_layer(layer, x, keys, memory, causal, padding)
+        self.prefix, self.rows, self.inputs = prefix, listed, inputs
+        norm = model.transformer.decoder.norm
+        h = x[:, -1] if norm is None else norm(x[:, -1])
+        return model.out(h).log_softmax(-1)
+
+
+def _decoder_layer(layer: nn.TransformerDecoderLayer, x: torch.Tensor, keys: torch.Tensor, memory: torch.Tensor,
+                   causal: torch.Tensor | None, padding: torch.Tensor) -> torch.Tensor:
+    """``layer`` (eval mode) for the queries ``x`` [N, q, d] that are the last q of its inputs ``keys``."""
+    def attend(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return layer.dropout1(layer.self_attn(q, kv, kv, attn_mask=causal, key_padding_mask=padding,
+                                              need_weights=False)[0])
+
+    def cross(q: torch.Tensor) -> torch.Tensor:
+        return layer.dropout2(layer.multihead_attn(q, memory, memory, need_weights=False)[0])
+
+    def ff(q: torch.Tensor) -> torch.Tensor:
+        return layer.dropout3(layer.linear2(layer.dropout(layer.activation(layer.linear1(q)))))
+
+    if layer.norm_first:
+        x = x + attend(layer.norm1(x), layer.norm1(keys))
+        x = x + cross(layer.norm2(x))
+        return x + ff(layer.norm3(x))
+    x = layer.norm1(x + attend(x, keys))
+    x = layer.norm2(x + cross(x))
+    return layer.norm3(x + ff(x))
+
+
 @dataclass
 class TextData:
     ids: list[str]
@@ -255,11 +330,7 @@ class ReportGeneration(TaskFamily):
         for start in range(0, len(ids), p.eval_batch_size):
             chunk = ids[start:start + p.eval_batch_size]
             visual = torch.from_numpy(check_tokens(inputs.features.tokens(chunk), chunk, "tokens")).to(inputs.device)
-            memory = model.encode(visual)
-
-            def step(prefix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-                return model.decode(memory[rows], prefix)[:, -1].log_softmax(-1)
-
+            step = IncrementalStep(model, model.encode(visual))
             decoded = beam_decode(step, len(chunk), Vocabulary.BOS, Vocabulary.EOS, p.max_len + 1, p.beam_size,
                                   inputs.device, p.length_penalty)
             out += [vocab.decode(seq) for seq in decoded]

@@ -449,7 +449,7 @@ class VisualQuestionAnswering(TaskFamily):
               encoded: list[tuple[list[int], list[int]]]) -> torch.Tensor:
         embeds, mask, labels = self._embed(bridge, lm, inputs, ids, [e[0] for e in encoded], [e[1] for e in encoded],
                                            left_pad=False)
-        return lm.model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss.float()
+        return answer_loss(lm.model, embeds, mask, labels)
 
     @torch.no_grad()
     def _evaluate(self, bridge: QFormer, lm: LanguageModel, inputs: TaskInputs, ids: list[str],
@@ -480,6 +480,19 @@ class VisualQuestionAnswering(TaskFamily):
                 row = row[:row.index(lm.eos)] if lm.eos in row else row
                 out.append(lm.tokenizer.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=True).strip())
         return out
+
+
+def answer_loss(model, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The causal LM's loss on the answer tokens: mean next-token cross-entropy over ``labels != -100``,
+    what ``model(..., labels=labels).loss`` gives, but with the vocabulary projection applied only to the
+    hidden states that predict an answer token. The query, prompt and padding positions need no logits,
+    and for a large vocabulary that projection and its gradient dominate a training step (here about
+    seven positions in fifty carry a label)."""
+    hidden = model.get_decoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    target = labels[:, 1:]
+    keep = target != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    return nn.functional.cross_entropy(logits.float(), target[keep])
 
 
 def score_answers(questions: Questions, answers: list[str], p: VQAParams, scorer: BertScore,
