@@ -21,7 +21,7 @@ demo: install
 
 test: install
 	$(PY) -m pip install --quiet --no-deps --force-reinstall .
-	$(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=10
+	$(VENV)/bin/pytest -q --durations=10
 
 clean:
 	rm -rf $(VENV) build dist

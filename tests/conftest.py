@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -11,18 +10,6 @@ import pandas as pd
 import pytest
 
 from asap_bench.data.cards import load_card
-
-
-def pytest_configure(config):
-    """Under pytest-xdist (``make test`` runs two workers) each worker takes its share of the cores:
-    two workers of two torch threads each on two cores mostly add contention."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if workers > 1:
-        import torch
-
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        torch.set_num_threads(threads)
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # for the subprocesses tests start
 
 
 def write_table(root: Path, dataset: str, table: str, rows: list[dict]) -> Path:

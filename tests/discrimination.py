@@ -2,9 +2,10 @@
 
 ``test_demo_discriminates.py`` tests the 17 frozen-feature protocols (oracle against random)
 and ``test_seg_floors_on_demo.py`` the 10 fine-tuning ones (trained against untrained). They
-run apart (in parallel under pytest-xdist), so each adjusts its own p-values by Holm over
-all 27 with the other module's protocols entered at p = 1: no p-value can be adjusted below
-its value in the joint Holm procedure, so a pass in each module is a pass of the joint test.
+run apart (either can run alone, or on its own worker), so each adjusts its own p-values by
+Holm over all 27 with the other module's protocols entered at p = 1: no p-value can be
+adjusted below its value in the joint Holm procedure, so a pass in each module is a pass of
+the joint test.
 """
 
 from __future__ import annotations
