@@ -312,3 +312,26 @@ def test_a_planted_shared_fit_is_never_unpickled(demo_root, tmp_path, monkeypatc
     assert not marker.exists()
     assert "ignoring kept model" in caplog.text and "training instead" in caplog.text
     assert len(fits) == 1, "the first job trains (the planted file is refused), the second reuses its fit"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "float32"])
+def test_precision_sets_the_autocast_of_training_and_inference(demo_root, tmp_path, monkeypatch, precision):
+    seen = []
+    forward = EncoderUNETR.forward
+
+    def spy(self, x):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return forward(self, x)
+
+    monkeypatch.setattr(EncoderUNETR, "forward", spy)
+    params = {"demo_max_steps": 1, "demo_val_every": 1, "demo_feature_size": 8, "precision": precision}
+    result = seg.Segmentation().run(make_inputs(demo_root, tmp_path, "seg/luna16-lung", params, sizes=(1, 1, 1)))
+    assert seen and set(seen) == {precision == "bf16"}  # every forward: the training step, validation, test
+    assert ("precision" in result.notes) == (precision == "bf16")
+    assert result.metrics["dice"] is not None
+
+
+def test_an_unknown_precision_is_refused_naming_the_field(demo_root, tmp_path):
+    inputs = make_inputs(demo_root, tmp_path, "seg/luna16-lung", {"precision": "fp16"})
+    with pytest.raises(ValueError, match=r"head.params precision must be one of \['bf16', 'float32'\], got 'fp16'"):
+        seg.Segmentation().run(inputs)
